@@ -1,0 +1,249 @@
+"""What two or more stages use: the run wrapper (status.json, metrics), model loading, paths, device and dtype."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from models.checkpoint import check_and_load, load_checkpoint
+from models.llama import ModelArgs, Transformer, rope_frequencies
+from models.tokenizer import Tokenizer
+from runner.logging import NoOpLogger, build_logger
+
+log = logging.getLogger(__name__)
+
+# The metric each stage is judged by (sorting sweep summaries; the value returned to Hydra sweepers).
+HEADLINE = {
+    "quantize": "quantize/ppl",
+    "eval": "eval/wikitext2_ppl/ppl",
+    "generate": "generate/decode_tokens_per_s",
+    "finetune": "finetune/val_loss",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """Bad input: the message is one line naming the key or file and the fix."""
+
+
+class StageFailed(RuntimeError):
+    """Raised in multirun jobs so Hydra marks the job failed after status.json is written."""
+
+
+_logger = NoOpLogger()
+
+
+# --- run directory and metrics ---------------------------------------------------------------------------------
+def run_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def log_metrics(metrics: dict, step: int) -> None:
+    """Append one step of metrics to metrics.jsonl and forward it to the active logger (wandb or none)."""
+    with open(run_dir() / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    _logger.log(metrics, step)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("lmrunner", "torch", "torchao", "lm_eval", "hydra-core", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def run_stage(cfg: DictConfig, stage_run) -> dict:
+    """Run one stage inside its run directory: status.json before and after, metrics.json, logger cleanup.
+
+    Bad input (ConfigError, missing files, values out of range) ends with one line on stderr and exit code 1;
+    anything else also leaves its traceback in traceback.txt. HYDRA_FULL_ERROR=1 re-raises instead.
+    """
+    global _logger
+    hc = HydraConfig.get()
+    out = run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    multirun = hc.mode == RunMode.MULTIRUN
+    start = time.time()
+    status = {
+        "status": "running",
+        "task": cfg.task.name,
+        "error": None,
+        "start_time": dt.datetime.fromtimestamp(start).isoformat(),
+        "end_time": None,
+        "duration_s": None,
+        "overrides": list(hc.overrides.task),
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+    _write_json(out / "status.json", status)
+    failed = True
+    error = None
+    try:
+        torch.manual_seed(cfg.seed)
+        group = Path(hc.sweep.dir).name if multirun else None
+        _logger = build_logger(cfg, out, group, f"{cfg.task.name}-{out.name}")
+        metrics = stage_run(cfg)
+        _write_json(out / "metrics.json", metrics)
+        _logger.summary(metrics)
+        failed = False
+        return metrics
+    except (KeyboardInterrupt, Exception) as e:  # noqa: B902 - record every failure, then report it below
+        error = e
+        status["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
+        (out / "traceback.txt").write_text(traceback.format_exc())
+    finally:
+        end = time.time()
+        status.update(
+            status="failed" if failed else "ok",
+            end_time=dt.datetime.fromtimestamp(end).isoformat(),
+            duration_s=round(end - start, 3),
+        )
+        _write_json(out / "status.json", status)
+        try:
+            _logger.finish(failed=failed)
+        finally:
+            _logger = NoOpLogger()
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    message = f"error: {status['error']} (run directory: {out})"
+    if multirun:
+        raise StageFailed(message) from None
+    print(message, file=sys.stderr)
+    sys.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
+
+
+# --- devices, dtypes, paths --------------------------------------------------------------------------------------
+def device(cfg: DictConfig) -> torch.device:
+    d = cfg.device
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d not in ("cpu", "cuda"):
+        raise ConfigError(f"device={d!r} is not valid; use cpu, cuda or auto")
+    if d == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
+    return torch.device(d)
+
+
+def dtype(cfg: DictConfig) -> torch.dtype:
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r} is not valid; use one of {', '.join(DTYPES)}")
+    return DTYPES[cfg.model.dtype]
+
+
+def data_path(cfg: DictConfig, relpath: str) -> Path:
+    """A file under paths.data_dir (absolute paths pass through), with a clear error when it is not there."""
+    p = Path(relpath)
+    if not p.is_absolute():
+        p = Path(cfg.paths.data_dir).expanduser().resolve() / p
+    if not p.exists():
+        raise ConfigError(
+            f"{p}: data file not found; point paths.data_dir at the data root (now {cfg.paths.data_dir}) "
+            "or set LMRUNNER_DATA_DIR"
+        )
+    return p
+
+
+def checkpoint_path(cfg: DictConfig) -> Path | None:
+    """The checkpoint to load: checkpointer.path, else model.source fetched into the cache; None for random init."""
+    if cfg.checkpointer.path is not None:
+        return Path(cfg.checkpointer.path).expanduser()
+    if cfg.model.source is None:
+        return None
+    from models.sources import resolve_source
+
+    return resolve_source(cfg.model.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
+
+
+def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transformer, Tokenizer]:
+    """Build the model of cfg.model from its checkpoint (or random init), in model.dtype on `device`.
+
+    A quantized native checkpoint is rebuilt from its quantizer.json (two phases: quantized shells, then
+    assign the saved tensors). With `apply_quantizer`, a round-to-nearest cfg.quantizer is applied after loading.
+    """
+    dev, dt_ = device(cfg), dtype(cfg)
+    path = checkpoint_path(cfg)
+    if path is None:
+        if cfg.model.args is None:
+            raise ConfigError(f"model={cfg.model.name} has neither source nor args; set checkpointer.path=PATH")
+        args = ModelArgs.from_dict(OmegaConf.to_container(cfg.model.args, resolve=True))
+        torch.manual_seed(cfg.seed)
+        model, tok, saved_q = Transformer(args), Tokenizer.bytes(), {"name": "none"}
+    else:
+        try:
+            args, sd, tok, saved_q = load_checkpoint(cfg.checkpointer.name, path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+        if tok is None:
+            raise ConfigError(f"{path}: no tokenizer.json next to the weights; add the model's tokenizer files")
+        with torch.device("meta"):
+            model = Transformer(args)
+        if saved_q["name"] != "none":
+            from quant import prepare_for_load
+
+            prepare_for_load(model, saved_q)
+        try:
+            check_and_load(model, sd, path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        model.inv_freq = rope_frequencies(args)
+    q = cfg.quantizer
+    if apply_quantizer and q.name != "none":
+        if saved_q["name"] != "none":
+            raise ConfigError(
+                f"{path} is already quantized ({saved_q['name']}); use quantizer=none to load it as it is"
+            )
+        from quant import quantize_model
+
+        model = _to(model, dev, dt_)
+        model = quantize_model(model, OmegaConf.to_container(q, resolve=True))
+        return model.eval(), tok
+    return _to(model, dev, dt_).eval(), tok
+
+
+def _to(model: Transformer, dev: torch.device, dt_: torch.dtype) -> Transformer:
+    # Only floating-point tensors take the model dtype; packed integer weights keep theirs.
+    model = model.to(dev)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dt_:
+            p.data = p.data.to(dt_)
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and b.dtype != dt_ and name != "inv_freq":
+            b.data = b.data.to(dt_)
+    return model
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

