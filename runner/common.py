@@ -40,10 +40,6 @@ class ConfigError(ValueError):
     """Bad input: the message is one line naming the key or file and the fix."""
 
 
-class StageFailed(RuntimeError):
-    """Raised in multirun jobs so Hydra marks the job failed after status.json is written."""
-
-
 _logger = NoOpLogger()
 
 
@@ -89,6 +85,7 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
 
     Bad input (ConfigError, missing files, values out of range) ends with one line on stderr and exit code 1;
     anything else also leaves its traceback in traceback.txt. HYDRA_FULL_ERROR=1 re-raises instead.
+    In a multirun a failed job returns {} after that line, so the other jobs still run.
     """
     global _logger
     hc = HydraConfig.get()
@@ -138,10 +135,11 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
             _logger = NoOpLogger()
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    message = f"error: {status['error']} (run directory: {out})"
-    if multirun:
-        raise StageFailed(message) from None
-    print(message, file=sys.stderr)
+    print(f"error: {status['error']} (run directory: {out})", file=sys.stderr)
+    if multirun and not isinstance(error, KeyboardInterrupt):
+        # The sweep goes on: a raised error would make Hydra's BasicSweeper stop after this batch and skip the
+        # end-of-sweep callback (runner/callbacks.py), which lists this failure from status.json and exits 1.
+        return {}
     sys.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
 
 

@@ -1,0 +1,287 @@
+"""Compare runs: one table and one plot for any set of run or sweep directories.
+
+    python -m runner.compare outputs/multirun/2025-06-01_12-00-00-000000      # writes into the sweep directory
+    python -m runner.compare outputs/quantize/RUN_A outputs/quantize/RUN_B SWEEP_C --out outputs/compare
+
+Every multirun gets the same files at its end from the Hydra callback in runner/callbacks.py.
+
+A run directory is one that holds `status.json` or `.hydra/overrides.yaml` (every job of `python -m runner` writes
+both); a sweep directory is searched for the run directories below it. Files written (into --out, by default the
+one directory given):
+- `summary.csv`: one row per run: run (path relative to the common root), task, one column per override
+  (`quantizer.groupsize`, ...), every numeric metric of metrics.json (headline first), status, duration_s, error.
+- `summary.md`: the same rows as a Markdown table, with at most MD_METRICS metric columns; overrides equal in every
+  run are stated once above it.
+- `summary.png`: each task's headline metric (runner.common.HEADLINE) against each override that varies, one line
+  per combination of the other varying overrides; failed runs are left out of the plot. With nothing varying, one
+  bar per run.
+Rows are sorted by their task's headline metric, best first; runs without it (failed, still running) come last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from itertools import groupby
+from pathlib import Path
+
+import yaml
+
+from runner.common import HEADLINE
+
+# Headline metrics where larger is better; every other headline (perplexity, loss) is sorted ascending.
+MAXIMIZE = {"generate/decode_tokens_per_s"}
+
+FILES = ("summary.csv", "summary.md", "summary.png")
+# summary.md stays readable with many metrics (lm-eval tasks); summary.csv has them all.
+MD_METRICS = 8
+
+
+# --- collecting runs ---------------------------------------------------------------------------------------------
+def find_runs(paths: list[Path]) -> list[Path]:
+    """The run directories at or below each path, in path order, job numbers in numeric order."""
+    runs: list[Path] = []
+    for p in paths:
+        if _is_run(p):
+            found = [p]
+        else:
+            marks = [f.parent for f in p.rglob("status.json")] + [f.parent.parent for f in p.rglob(".hydra")]
+            found = sorted({d for d in marks if _is_run(d)}, key=_natural_key)
+        runs += [d for d in found if d not in runs]
+    return runs
+
+
+def _is_run(d: Path) -> bool:
+    return (d / "status.json").is_file() or (d / ".hydra" / "overrides.yaml").is_file()
+
+
+def _natural_key(p: Path) -> list:
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.parts]
+
+
+def load_run(d: Path) -> dict:
+    """status.json, metrics.json and the overrides of one run directory as a flat dict (the row before formatting)."""
+    status_file, metrics_file = d / "status.json", d / "metrics.json"
+    if status_file.is_file():
+        status = json.loads(status_file.read_text())
+    else:
+        # Hydra wrote the job's config, but the stage never started (it failed while composing or dispatching).
+        status = {
+            "status": "unknown",
+            "task": None,
+            "error": "no status.json: the job stopped before its stage started (see its run.log)",
+            "duration_s": None,
+            "overrides": None,
+        }
+    overrides_file = d / ".hydra" / "overrides.yaml"
+    overrides = status["overrides"] if status["overrides"] is not None else yaml.safe_load(overrides_file.read_text())
+    task = status["task"]
+    if task is None and (d / ".hydra" / "config.yaml").is_file():
+        task = yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["task"]["name"]
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {
+        "dir": d,
+        "task": task,
+        # The task override is the task column already.
+        "overrides": {k: v for k, v in map(_split_override, overrides) if k != "task"},
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+        "status": status["status"],
+        "duration_s": status["duration_s"],
+        "error": status["error"],
+    }
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    # "+key=v" / "++key=v" add or force a key, "~key" deletes one; the column is the key either way.
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+def headline_value(run: dict) -> float | None:
+    v = run["metrics"].get(HEADLINE.get(run["task"]))
+    return None if v is None or math.isnan(v) else v
+
+
+def sort_runs(runs: list[dict]) -> list[dict]:
+    """Grouped by task (in order of first appearance), best headline first, runs without one last."""
+    order = {t: i for i, t in enumerate(dict.fromkeys(r["task"] for r in runs))}
+
+    def key(r):
+        v = headline_value(r)
+        sign = -1 if HEADLINE.get(r["task"]) in MAXIMIZE else 1
+        return order[r["task"]], v is None, 0.0 if v is None else sign * v
+
+    return sorted(runs, key=key)
+
+
+def varying(runs: list[dict]) -> list[str]:
+    """Override keys whose value is not the same in every run (a key missing from a run counts as a value)."""
+    return [k for k in _override_columns(runs) if len({r["overrides"].get(k) for r in runs}) > 1]
+
+
+def table(runs: list[dict], root: Path) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of summary.csv; each row maps column -> value (None for an empty cell)."""
+    columns = ["run", "task", *_override_columns(runs), *_metric_columns(runs), "status", "duration_s", "error"]
+    rows = []
+    for r in runs:
+        row = {"run": _relative(r["dir"], root), "task": r["task"], **r["overrides"], **r["metrics"]}
+        row.update(status=r["status"], duration_s=r["duration_s"], error=r["error"])
+        rows.append({c: row.get(c) for c in columns})
+    return columns, rows
+
+
+def _override_columns(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in runs for k in r["overrides"]))
+
+
+def _metric_columns(runs: list[dict]) -> list[str]:
+    headlines = list(dict.fromkeys(HEADLINE[r["task"]] for r in runs if r["task"] in HEADLINE))
+    return headlines + [m for m in dict.fromkeys(k for r in runs for k in r["metrics"]) if m not in headlines]
+
+
+def _relative(d: Path, root: Path) -> str:
+    return str(d.relative_to(root)) if d != root and d.is_relative_to(root) else str(d)
+
+
+def _common_root(dirs: list[Path]) -> Path:
+    parts = [d.resolve().parts for d in dirs]
+    n = 0
+    while all(len(p) > n and p[n] == parts[0][n] for p in parts):
+        n += 1
+    return Path(*parts[0][:n])
+
+
+def to_markdown(runs: list[dict], rows: list[dict]) -> str:
+    """The table for reading: varying overrides, the first MD_METRICS metrics (headline first), status, error."""
+    vary = varying(runs)
+    constant = [k for k in _override_columns(runs) if k not in vary]
+    metrics = [c for c in _metric_columns(runs) if any(row[c] is not None for row in rows)]
+    shown = ["run", "task", *vary, *metrics[:MD_METRICS], "status", "duration_s"]
+    shown += ["error"] if any(row["error"] is not None for row in rows) else []
+    n_ok = sum(r["status"] == "ok" for r in runs)
+    lines = [f"{len(runs)} runs, {n_ok} ok, {len(runs) - n_ok} not ok."]
+    if len(metrics) > MD_METRICS:
+        lines.append(f"{len(metrics) - MD_METRICS} more metric columns in summary.csv.")
+    if constant:
+        same = " ".join(f"`{k}={runs[0]['overrides'][k]}`" for k in constant)
+        lines.append(f"Same in every run: {same}")
+    lines += ["", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_cell(row[c]) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+# --- the plot ----------------------------------------------------------------------------------------------------
+def plot(runs: list[dict], root: Path, path: Path) -> None:
+    """summary.png: per task, the headline metric against each varying override (one panel each)."""
+    # Figure without pyplot: rendered by the Agg canvas, no GUI backend and no global figure state.
+    from matplotlib.figure import Figure
+
+    panels = []  # (task, its runs with a headline value, the overrides varying among them)
+    for task in dict.fromkeys(r["task"] for r in runs):
+        ok = [r for r in runs if r["task"] == task and headline_value(r) is not None]
+        if ok:
+            panels.append((task, ok, varying(ok)))
+    if not panels:
+        fig = Figure(figsize=(5, 3.8))
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no run has its headline metric", ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(path, dpi=100)
+        return
+    ncols = max(len(vary) or 1 for _, _, vary in panels)
+    fig = Figure(figsize=(5 * ncols, 3.8 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), ncols, squeeze=False)
+    for i, (task, ok, vary) in enumerate(panels):
+        metric = HEADLINE[task]
+        if not vary:
+            ax = axes[i][0]
+            ax.bar([_relative(r["dir"], root) for r in ok], [headline_value(r) for r in ok])
+            ax.set_ylabel(metric)
+            ax.tick_params(axis="x", labelrotation=30)
+        for j, param in enumerate(vary):
+            _line_panel(axes[i][j], ok, param, [k for k in vary if k != param], metric)
+        for j in range(max(len(vary), 1), ncols):
+            axes[i][j].set_axis_off()
+    fig.savefig(path, dpi=100)
+
+
+def _line_panel(ax, runs: list[dict], param: str, others: list[str], metric: str) -> None:
+    values = _sorted_values({r["overrides"].get(param) for r in runs})
+    x = {v: i for i, v in enumerate(values)}
+
+    def combo(r):
+        return tuple(str(r["overrides"].get(k)) for k in others)
+
+    for c, group in groupby(sorted(runs, key=combo), key=combo):
+        pts = sorted((x[r["overrides"].get(param)], headline_value(r)) for r in group)
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, c, strict=True)) or None
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    if others:
+        ax.legend(fontsize="x-small")
+
+
+def _sorted_values(values: set) -> list:
+    """Numeric values in numeric order (categorical axis: evenly spaced, e.g. 32 64 128), others as strings."""
+    try:
+        return sorted(values, key=float)
+    except (TypeError, ValueError):
+        return sorted(values, key=str)
+
+
+# --- entry points ------------------------------------------------------------------------------------------------
+def summarize(paths: list[Path], out: Path) -> list[dict]:
+    """Write summary.csv, summary.md and summary.png into `out` for the runs at or below `paths`; return the runs
+    (sorted as in the table). Raises FileNotFoundError when there is no run directory."""
+    dirs = find_runs([Path(p) for p in paths])
+    if not dirs:
+        raise FileNotFoundError(f"no run directory (status.json or .hydra/overrides.yaml) in {' '.join(map(str, paths))}")
+    runs = sort_runs([load_run(d) for d in dirs])
+    root = _common_root(dirs) if len(dirs) > 1 else dirs[0].resolve().parent
+    runs = [{**r, "dir": r["dir"].resolve()} for r in runs]
+    columns, rows = table(runs, root)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "summary.md").write_text(to_markdown(runs, rows))
+    plot(runs, root, out / "summary.png")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories")
+    parser.add_argument("--out", type=Path, help="where to write summary.{csv,md,png} (default: the one DIR given)")
+    args = parser.parse_args(argv)
+    if args.out is None and len(args.dirs) > 1:
+        parser.error("several directories: pass --out DIR for the summary files")
+    out = args.out if args.out is not None else args.dirs[0]
+    try:
+        summarize(args.dirs, out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print((out / "summary.md").read_text(), end="")
+    print(f"wrote {', '.join(str(out / f) for f in FILES)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
