@@ -1,0 +1,169 @@
+"""The quantizer contract: how a `quantizer` config turns a float `models.llama.Transformer` into a quantized one,
+and how a saved quantized checkpoint loads again.
+
+What gets quantized: every nn.Linear inside `model.model.layers` (q/k/v/o and gate/up/down of each block).
+Embeddings, norms and the output head stay float: they are a small share of a Llama's weights, and the head
+is the most quantization-sensitive layer.
+
+The config (`qcfg`) is the resolved `quantizer` group as a plain dict: `name` plus that quantizer's knobs,
+exactly these keys (`PARAMS`; an unknown or missing key is an error, so a typo cannot fall back silently):
+
+    none      no knobs.                  Float model.
+    int8_wo   no knobs.                  torchao Int8WeightOnlyConfig: symmetric per-row int8 (quant/torchao_ptq.py),
+                                         stored as quant.int8.Int8WeightOnlyLinear. ~2x smaller than bf16, near-lossless.
+    int4_wo   groupsize, sym             Round-to-nearest group-wise uint4 (quant/int4.py). ~3.5x smaller than
+                                         bf16 at groupsize 128; smaller groups: more accurate, more scale storage.
+    gptq      groupsize, sym, blocksize, percdamp, act_order, static_groups, true_sequential,
+              nsamples, seqlen, calibration, seed
+                                         GPTQ (quant/gptq.py), same int4 storage as int4_wo. Needs calibration
+                                         token ids [nsamples, seqlen] (the runner builds them from `calibration`
+                                         with `seed`). act_order helps most on outlier-heavy layers; without
+                                         static_groups it stores a g_idx and reorders inputs at run time.
+
+Contract, in the order the runner calls it (gpt-fast's two-phase quantized loading):
+
+1. `describe(qcfg) -> dict`: validate qcfg and return the JSON-able record written to `quantizer.json`
+   (`name` + knobs). Everything needed to rebuild the module structure is in it.
+2. `quantize_model(model, qcfg, calib=None) -> model`: quantize the decoder linears in place (`calib` is the
+   GPTQ calibration LongTensor, unused by the others). Afterwards `model.state_dict()` holds only plain tensors
+   (quantized modules keep packed buffers, no tensor subclasses), so it saves with safetensors.
+3. Loading: build the float model (any init, any device), `prepare_for_load(model, describe_record)` swaps
+   the decoder linears for empty quantized shells with the saved buffers' shapes, then
+   `model.load_state_dict(saved, assign=True)` puts the saved tensors in place. Shapes come only from the
+   record and the model's own layer sizes, never from file names.
+
+A new quantizer adds its name and knobs to `PARAMS` and one function to each of `_QUANTIZE` and `_SHELL`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from quant.gptq import gptq_quantize_model
+from quant.int4 import Int4WeightOnlyLinear
+from quant.int8 import Int8WeightOnlyLinear
+
+PARAMS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "int8_wo": (),
+    "int4_wo": ("groupsize", "sym"),
+    "gptq": (
+        "groupsize",
+        "sym",
+        "blocksize",
+        "percdamp",
+        "act_order",
+        "static_groups",
+        "true_sequential",
+        "nsamples",
+        "seqlen",
+        "calibration",
+        "seed",
+    ),
+}
+
+
+def describe(qcfg: Mapping) -> dict:
+    """Validated `quantizer.json` record: {"name": ..., <that quantizer's knobs>}."""
+    name = qcfg["name"] if "name" in qcfg else None
+    if name not in PARAMS:
+        raise ValueError(f"quantizer.name={name!r} is not one of {sorted(PARAMS)}")
+    keys = set(qcfg) - {"name"}
+    missing, unknown = sorted(set(PARAMS[name]) - keys), sorted(keys - set(PARAMS[name]))
+    if missing or unknown:
+        raise ValueError(
+            f"quantizer {name!r} takes exactly {list(PARAMS[name])}; missing {missing}, unknown {unknown}"
+        )
+    record = {"name": name, **{k: qcfg[k] for k in PARAMS[name]}}
+    if "groupsize" in record and (
+        not isinstance(record["groupsize"], int) or record["groupsize"] <= 0 or record["groupsize"] % 2
+    ):
+        raise ValueError(f"quantizer.groupsize={record['groupsize']!r} must be a positive even integer")
+    return record
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Fully qualified name -> nn.Linear for every Linear inside `model.model.layers`, in model order."""
+    return {
+        f"model.layers.{i}.{name}": module
+        for i, block in enumerate(model.model.layers)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+def _quantize_int8_wo(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:
+    # Imported here: torchao's import is slow and noisy, and only this quantizer needs it (see torchao_ptq.py).
+    from quant import torchao_ptq
+
+    torchao_ptq.quantize_int8_wo(model, decoder_linears(model))
+
+
+def _quantize_int4_wo(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:
+    for name, linear in decoder_linears(model).items():
+        model.set_submodule(name, Int4WeightOnlyLinear.from_linear(linear, spec["groupsize"], spec["sym"]))
+
+
+def _quantize_gptq(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:
+    if calib is None:
+        raise ValueError("quantizer gptq needs calibration token ids [nsamples, seqlen] (calib=None given)")
+    gptq_quantize_model(model, calib, spec)
+
+
+_QUANTIZE: dict[str, Callable[[nn.Module, dict, torch.Tensor | None], None]] = {
+    "none": lambda model, spec, calib: None,
+    "int8_wo": _quantize_int8_wo,
+    "int4_wo": _quantize_int4_wo,
+    "gptq": _quantize_gptq,
+}
+
+
+def _int4_shell(linear: nn.Linear, spec: dict) -> nn.Module:
+    # GPTQ stores g_idx exactly when act_order forms groups along the permuted order.
+    has_g_idx = spec["name"] == "gptq" and spec["act_order"] and not spec["static_groups"]
+    w = linear.weight
+    return Int4WeightOnlyLinear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        spec["groupsize"],
+        has_g_idx,
+        device=w.device,
+        dtype=w.dtype,
+    )
+
+
+def _int8_shell(linear: nn.Linear, spec: dict) -> nn.Module:
+    w = linear.weight
+    return Int8WeightOnlyLinear(
+        linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype
+    )
+
+
+_SHELL: dict[str, Callable[[nn.Linear, dict], nn.Module] | None] = {
+    "none": None,
+    "int8_wo": _int8_shell,
+    "int4_wo": _int4_shell,
+    "gptq": _int4_shell,
+}
+
+
+def quantize_model(model: nn.Module, qcfg: Mapping, calib: torch.Tensor | None = None) -> nn.Module:
+    """Quantize model's decoder linears in place as `qcfg` says; returns the model (see the contract above)."""
+    spec = describe(qcfg)
+    _QUANTIZE[spec["name"]](model, spec, calib)
+    return model
+
+
+def prepare_for_load(model: nn.Module, qcfg: Mapping) -> nn.Module:
+    """Swap the decoder linears for empty quantized shells so a saved quantized state dict loads with
+    `model.load_state_dict(sd, assign=True)`. `qcfg` is the `quantizer.json` record (or the config)."""
+    spec = describe(qcfg)
+    shell = _SHELL[spec["name"]]
+    if shell is not None:
+        for name, linear in decoder_linears(model).items():
+            model.set_submodule(name, shell(linear, spec))
+    return model

@@ -1,0 +1,291 @@
+"""GPTQ int4 weight-only quantization (Frantar et al. 2022, https://arxiv.org/abs/2210.17323), written natively.
+
+Per linear layer with weight W [N, K] and calibration inputs X, GPTQ minimises ||W X - Q X||^2 column by column:
+quantize column j, then spread its error over the not-yet-quantized columns through the inverse Hessian
+H^-1 = (2 X X^T)^-1, using the upper Cholesky factor U of H^-1 so that the row U[j, j:] is exactly the update
+the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IST-DASLab/gptq):
+
+- H = 2/n * sum_i x_i x_i^T over the calibration tokens, kept as a running average (n counts sequences).
+- Dead inputs (H[i, i] == 0) get H[i, i] = 1 and W[:, i] = 0.
+- Damping: H += percdamp * mean(diag H) * I, then U = cholesky(cholesky_inverse(cholesky(H)), upper=True).
+- Lazy batch updates: columns are processed in blocks of `blocksize`; inside a block updates are applied
+  column by column, the rest of W gets the whole block's update in one matmul at the block end. This
+  reorders the arithmetic only; the result is that of the column-by-column algorithm.
+- Groups: a group's scale/zero is chosen when its first column is reached, from the group's weights as updated
+  so far (including pending updates from earlier columns of the current block -- the reference code reads
+  the block-stale W there when groupsize < blocksize; we keep the algorithm's definition, see the tests).
+- act_order: columns are processed in order of decreasing diag(H). Without `static_groups`, groups are formed
+  along that order and `g_idx` records each column's group; with `static_groups`, groups are the natural
+  contiguous ones with qparams computed up front from the (dead-zeroed) unpermuted weight, so no g_idx.
+- sym: zero fixed to 8. Padding: K is padded to a multiple of the group size with zero columns whose H rows
+  and columns are zero (their inputs are always 0); they are dead, decoupled from the real columns, and
+  quantize to exactly 0, so padding changes nothing for the real columns.
+
+`gptq_quantize_model` runs the sequential recipe over a `models.llama.Transformer`: embed the calibration batch,
+then per decoder block capture each linear's Hessian with forward pre-hooks, quantize, and feed the batch
+through the quantized block to produce the next block's inputs. Memory holds one block's input and output
+activations for the calibration set; the block itself runs in chunks of about `_CHUNK_TOKENS` tokens.
+
+Self-check: every layer's output-space SQNR on the calibration inputs, 10 log10(tr(W H W^T) / tr(E H E^T))
+with E the quantization error, must clear `_MIN_SQNR_DB`, or quantization stops with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quant.int4 import Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features, quantize_values
+
+log = logging.getLogger(__name__)
+
+# 4-bit weights give ~18-25 dB on real layers (6 dB per bit, less the clipping of outliers); a layer under 10 dB
+# means a broken Hessian or a bug, not a hard layer.
+_MIN_SQNR_DB = 10.0
+# Tokens per block call during calibration: bounds the attention and MLP intermediates; larger chunks did not
+# make CPU GEMMs faster on SmolLM2-135M shapes.
+_CHUNK_TOKENS = 8192
+
+# The linears of models.llama.Block in call order, grouped as the reference's --true-sequential: each group is
+# quantized before the inputs of the next group are captured.
+_SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass
+class GPTQResult:
+    q: torch.Tensor  # uint8 [N, Kp], values 0..15, original column order
+    scales: torch.Tensor  # fp32 [N, G]
+    zeros: torch.Tensor  # fp32 [N, G], integer-valued
+    g_idx: torch.Tensor | None  # int32 [Kp]: group of each column (act_order without static_groups), else None
+    loss: float  # the reference's error: sum_j ||w_j - q_j||^2 / (2 U[j, j]^2)
+    sqnr_db: float  # output-space SQNR on the calibration inputs (see module docstring)
+
+
+def gptq_quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    groupsize: int,
+    blocksize: int,
+    percdamp: float,
+    act_order: bool,
+    static_groups: bool,
+    sym: bool,
+) -> GPTQResult:
+    """GPTQ for one weight W [N, K] given its Hessian H [K, K] (2/n sum x x^T). Neither input is modified.
+
+    Runs in fp32, or fp64 when W is fp64 (the tests use fp64 to compare with the column-by-column algorithm
+    without rounding flips).
+    """
+    N, K = W.shape
+    g = groupsize
+    Kp = padded_in_features(K, g)
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W0, H0 = W.detach().to(dt), H.to(dt)
+    W = torch.zeros(N, Kp, dtype=dt, device=W0.device)
+    W[:, :K] = W0
+    H = torch.zeros(Kp, Kp, dtype=dt, device=W0.device)
+    H[:K, :K] = H0
+
+    dead = H.diagonal() == 0  # includes the padded columns
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * H.diagonal()[:K].mean()  # over real columns only, so padding does not change it
+
+    if static_groups:
+        s_static, z_static = group_qparams(W.view(N, Kp // g, g), sym)  # [N, G, 1] on the unpermuted weight
+    perm = None
+    if act_order:
+        # stable: ties (e.g. dead columns, all at 1) order the same way on every device
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    if static_groups:
+        col_group = (perm if act_order else torch.arange(Kp, device=W.device)) // g  # [Kp], permuted order
+        col_scale, col_zero = s_static[:, col_group, 0], z_static[:, col_group, 0]  # [N, Kp]
+
+    H.diagonal().add_(damp)
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise RuntimeError("GPTQ: damped Hessian is not positive definite; increase quantizer.percdamp") from e
+
+    Q = torch.zeros_like(W)  # integer-valued, permuted column order
+    losses = torch.zeros(N, dtype=dt, device=W.device)
+    scales = torch.zeros(N, Kp // g, dtype=dt, device=W.device)
+    zeros = torch.zeros_like(scales)
+    for i1 in range(0, Kp, blocksize):
+        i2 = min(i1 + blocksize, Kp)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static_groups:
+                scale, zero = col_scale[:, col], col_zero[:, col]
+            elif col % g == 0:
+                grp = W1[:, i : i + g]
+                if col + g > i2:
+                    # The group runs past this block: those columns still miss this block's pending updates.
+                    rest = W[:, i2 : col + g] - Err1[:, :i] @ U[i1:col, i2 : col + g]
+                    grp = torch.cat((grp, rest), dim=1)
+                scale, zero = group_qparams(grp, sym)  # [N, 1]
+                scale, zero = scale[:, 0], zero[:, 0]
+                scales[:, col // g], zeros[:, col // g] = scale, zero
+            w = W1[:, i]
+            q = quantize_values(w, scale, zero)
+            Q[:, col] = q
+            err = (w - (q - zero) * scale) / U1[i, i]
+            losses += err.square()
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+
+    g_idx = None
+    if act_order:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if not static_groups:
+            g_idx = (torch.arange(Kp, device=W.device) // g)[inv].to(torch.int32)
+    if static_groups:
+        scales, zeros = s_static[..., 0], z_static[..., 0]
+
+    E = W0 - dequantize(Q, scales, zeros, g, g_idx)[:, :K]  # [N, K]
+    signal = ((W0 @ H0) * W0).sum()
+    noise = ((E @ H0) * E).sum()
+    if noise > 0:
+        sqnr_db = 10 * math.log10(signal.item() / noise.item()) if signal > 0 else -math.inf
+    else:
+        sqnr_db = math.inf
+    return GPTQResult(
+        q=Q.to(torch.uint8),
+        scales=scales.float(),
+        zeros=zeros.float(),
+        g_idx=g_idx,
+        loss=losses.sum().item() / 2,
+        sqnr_db=sqnr_db,
+    )
+
+
+class _Hessian:
+    """Running average H = 2/n sum x x^T over n sequences, one fp32 matmul per chunk (as the reference's add_batch)."""
+
+    def __init__(self, k: int, device: torch.device):
+        self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add(self, x: torch.Tensor):
+        # x: [B, T, K]
+        n = self.nsamples + x.shape[0]
+        x2 = x.reshape(-1, x.shape[-1]).float()  # [B*T, K]
+        self.H.addmm_(x2.t(), x2, beta=self.nsamples / n, alpha=2 / n)
+        self.nsamples = n
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once every linear of the group has seen its input: the rest of the block is
+    not needed for this capture pass."""
+
+
+def _capture_hessians(block: nn.Module, names: tuple[str, ...], x: torch.Tensor, cos, sin, chunk: int):
+    """Hessians of the inputs of block's linears `names`, from running the block on x [S, T, C] in chunks."""
+    hessians: dict[str, _Hessian] = {}
+    state: dict = {}
+
+    def make_hook(name: str):
+        def hook(module, args):
+            inp = args[0]
+            last = state["last"]
+            if last is not None and last[0] is inp:
+                # q/k/v (and gate/up) are called on the same tensor: one Hessian serves them all.
+                if hessians.setdefault(name, last[1]) is not last[1]:
+                    raise RuntimeError(f"GPTQ: {name} changed input sharing between calibration chunks")
+            else:
+                if name not in hessians:
+                    hessians[name] = _Hessian(inp.shape[-1], inp.device)
+                hessians[name].add(inp)
+                state["last"] = (inp, hessians[name])
+            state["seen"].add(name)
+            if len(state["seen"]) == len(names):
+                raise _StopForward
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        for s in range(0, x.shape[0], chunk):
+            state["last"], state["seen"] = None, set()
+            try:
+                block(x[s : s + chunk], cos, sin)
+            except _StopForward:
+                pass
+            if len(state["seen"]) != len(names):
+                missing = sorted(set(names) - state["seen"])
+                raise RuntimeError(f"GPTQ: linears {missing} were not called by the block's forward")
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: h.H for name, h in hessians.items()}
+
+
+def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, progress: bool = True) -> nn.Module:
+    """Quantize every linear in `model.model.layers` with GPTQ, in place; returns the model.
+
+    calib_ids: LongTensor [nsamples, seqlen] (must match qcfg's nsamples and seqlen, which quantizer.json
+    records). qcfg: the resolved `quantizer` config (see quant.base). The linears become Int4WeightOnlyLinear.
+    """
+    if calib_ids.ndim != 2 or tuple(calib_ids.shape) != (qcfg["nsamples"], qcfg["seqlen"]):
+        raise ValueError(
+            f"GPTQ calibration ids have shape {tuple(calib_ids.shape)}, but quantizer.nsamples="
+            f"{qcfg['nsamples']} and quantizer.seqlen={qcfg['seqlen']}"
+        )
+    knobs = {k: qcfg[k] for k in ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym")}
+    groups = _SEQUENTIAL_GROUPS if qcfg["true_sequential"] else (sum(_SEQUENTIAL_GROUPS, ()),)
+    embed = model.model.embed_tokens
+    device, dtype = embed.weight.device, embed.weight.dtype
+    n_seq, seqlen = calib_ids.shape
+    chunk = max(1, _CHUNK_TOKENS // seqlen)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x = embed(calib_ids.to(device))  # [S, T, C]
+        cos, sin = model.rope(torch.arange(seqlen, device=device)[None], dtype)  # [1, 1, T, D], broadcast over S
+        layers = model.model.layers
+        for i, block in enumerate(tqdm(layers, desc="gptq", unit="block", disable=not progress)):
+            results: dict[str, GPTQResult] = {}
+            for names in groups:
+                hessians = _capture_hessians(block, names, x, cos, sin, chunk)
+                for name in names:
+                    linear = block.get_submodule(name)
+                    res = gptq_quantize_weight(linear.weight, hessians[name], **knobs)
+                    log.info("block %d %s: loss %.4g, output SQNR %.1f dB", i, name, res.loss, res.sqnr_db)
+                    if res.sqnr_db < _MIN_SQNR_DB:
+                        raise RuntimeError(
+                            f"GPTQ self-check: block {i} {name} output SQNR {res.sqnr_db:.1f} dB < {_MIN_SQNR_DB} dB"
+                        )
+                    # Later captures and the block output must see this layer quantized: write the dequantized
+                    # weight (what Int4WeightOnlyLinear's portable path computes) into the float layer.
+                    wq = dequantize(res.q, res.scales, res.zeros, knobs["groupsize"], res.g_idx)
+                    linear.weight.copy_(wq[:, : linear.in_features])
+                    results[name] = res
+            out = torch.empty_like(x)
+            for s in range(0, n_seq, chunk):
+                out[s : s + chunk] = block(x[s : s + chunk], cos, sin)
+            x = out
+            for name, res in results.items():
+                linear = block.get_submodule(name)
+                qlinear = Int4WeightOnlyLinear.from_quantized(
+                    res.q, res.scales, res.zeros, res.g_idx, linear.in_features, linear.bias
+                )
+                block.set_submodule(name, qlinear)
+    log.info("GPTQ: %d blocks in %.1f s", len(layers), time.perf_counter() - t0)
+    return model

@@ -1,0 +1,251 @@
+"""Int4 weight-only storage: group-wise asymmetric uint4, packing, round-to-nearest, and the Linear that runs it.
+
+Format (shared by `int4_wo` round-to-nearest and `gptq`), as in the GPTQ reference quantizer
+(Frantar et al. 2022, https://arxiv.org/abs/2210.17323): each row of W [N, K] is cut into groups of `groupsize`
+input columns; group g of row n has a float `scale` and an integer-valued `zero` in 0..15 and
+
+    q = clamp(round(w / scale) + zero, 0, 15),      w ~ (q - zero) * scale.
+
+`sym=True` fixes zero = 8 and scale = 2 * max|w| / 15. When K % groupsize != 0 the weight is padded with zero
+columns up to Kp = groupsize * ceil(K / groupsize) (zero columns quantize exactly to 0) and the input is padded
+with zeros at run time, so no layer is ever left in float.
+
+`Int4WeightOnlyLinear` state dict (all plain tensors, so it round-trips through safetensors):
+    qweight  uint8 [N, Kp/2]   two nibbles per byte, even column in the high nibble (the layout CUDA's
+                               `_convert_weight_to_int4pack` takes, so CUDA packs with no reshuffle)
+    scales   fp32  [N, Kp/groupsize]
+    zeros    fp32  [N, Kp/groupsize]  integer-valued
+    g_idx    int32 [Kp]  (only for GPTQ act-order without static groups) group of each input column
+    bias     optional, the float Linear's bias
+
+forward picks a kernel (see `Int4WeightOnlyLinear.forward`): aten's CPU int4 kernel for bf16 on CPU, tinygemm for
+bf16 on CUDA, otherwise a portable dequantize + F.linear. The kernels' packed layouts are derived lazily from
+`qweight` and cached in the module (not in the state dict), so a checkpoint is device-independent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAXQ = 15  # uint4
+# Group sizes accepted by both aten int4 kernels (CPU `_weight_int4pack_mm_for_cpu`, CUDA tinygemm); others run
+# the portable path. Measured on torch 2.13: both reject 16, accept 32..256.
+KERNEL_GROUPSIZES = (32, 64, 128, 256)
+
+
+def padded_in_features(in_features: int, groupsize: int) -> int:
+    return -(-in_features // groupsize) * groupsize
+
+
+def group_qparams(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero [..., 1] for the groups in the last dim of w [..., g] (the GPTQ reference's min-max rule).
+
+    The range always includes 0, so zero-padded columns and dead columns quantize exactly to 0.
+    """
+    zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
+    wmin = torch.minimum(w.amin(-1, keepdim=True), zero_t)
+    wmax = torch.maximum(w.amax(-1, keepdim=True), zero_t)
+    if sym:
+        wmax = torch.maximum(-wmin, wmax)
+        wmin = torch.where(wmin < 0, -wmax, wmin)
+    # An all-zero group would give scale 0; the reference widens it to [-1, 1] (any scale works, q = zero).
+    empty = (wmin == 0) & (wmax == 0)
+    wmin = torch.where(empty, -1.0, wmin)
+    wmax = torch.where(empty, 1.0, wmax)
+    scale = (wmax - wmin) / MAXQ
+    zero = torch.full_like(scale, (MAXQ + 1) / 2) if sym else torch.round(-wmin / scale)
+    return scale, zero
+
+
+def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Integer-valued float q in 0..15 for w with broadcastable scale, zero."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, MAXQ)
+
+
+def rtn_quantize(w: torch.Tensor, groupsize: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per group. w [N, K] -> q uint8 [N, Kp], scales fp32 [N, G], zeros fp32 [N, G]."""
+    N, K = w.shape
+    Kp = padded_in_features(K, groupsize)
+    wg = F.pad(w.float(), (0, Kp - K)).view(N, Kp // groupsize, groupsize)  # [N, G, g]
+    scale, zero = group_qparams(wg, sym)  # [N, G, 1]
+    q = quantize_values(wg, scale, zero).view(N, Kp).to(torch.uint8)
+    return q, scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int, g_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, Kp] weight in the scales' dtype from q [N, Kp] (any int/float dtype) and scales, zeros [N, G]."""
+    if g_idx is None:
+        s = scales.repeat_interleave(groupsize, dim=1)  # [N, Kp]
+        z = zeros.repeat_interleave(groupsize, dim=1)
+    else:
+        s, z = scales[:, g_idx], zeros[:, g_idx]
+    return (q.to(s.dtype) - z) * s
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] with values 0..15 (K even) -> uint8 [N, K/2], even column in the high nibble."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K]; inverse of `pack_int4`."""
+    return torch.stack((packed >> 4, packed & 0xF), dim=-1).view(packed.shape[0], -1)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """y = x @ dequant(qweight).T + bias with a group-wise uint4 weight (format in the module docstring).
+
+    Build it quantized with `from_linear` (round-to-nearest) or `from_quantized` (GPTQ's result), or empty with
+    the constructor (a shell for `load_state_dict(..., assign=True)`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        groupsize: int,
+        has_g_idx: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if groupsize <= 0 or groupsize % 2:
+            raise ValueError(f"int4 groupsize must be a positive even number, got {groupsize}")
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        Kp = padded_in_features(in_features, groupsize)
+        G = Kp // groupsize
+        self.register_buffer("qweight", torch.empty(out_features, Kp // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, G, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, G, dtype=torch.float32, device=device))
+        if has_g_idx:
+            self.register_buffer("g_idx", torch.empty(Kp, dtype=torch.int32, device=device))
+        else:
+            self.g_idx = None
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self._kernel_cache: tuple | None = None
+
+    @classmethod
+    def from_quantized(
+        cls,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        g_idx: torch.Tensor | None,
+        in_features: int,
+        bias: torch.Tensor | None,
+    ) -> Int4WeightOnlyLinear:
+        """Wrap q [N, Kp] (0..15), scales / zeros [N, G] and optional g_idx [Kp] (e.g. from GPTQ)."""
+        N, Kp = q.shape
+        groupsize = Kp // scales.shape[1]
+        m = cls(in_features, N, bias is not None, groupsize, g_idx is not None, device=q.device)
+        m.qweight = pack_int4(q)
+        m.scales, m.zeros = scales.float().contiguous(), zeros.float().contiguous()
+        if g_idx is not None:
+            m.g_idx = g_idx.to(torch.int32)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone())
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, groupsize: int, sym: bool) -> Int4WeightOnlyLinear:
+        """Round-to-nearest quantization of a float Linear (the `int4_wo` quantizer)."""
+        q, scales, zeros = rtn_quantize(linear.weight.detach(), groupsize, sym)
+        return cls.from_quantized(q, scales, zeros, None, linear.in_features, linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K] weight, the reference every forward path is held against."""
+        q = unpack_int4(self.qweight)
+        w = dequantize(q, self.scales.float(), self.zeros.float(), self.groupsize, self.g_idx)  # [N, Kp]
+        return w[:, : self.in_features]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, groupsize={self.groupsize}, "
+            f"bias={self.bias is not None}, g_idx={self.g_idx is not None}"
+        )
+
+    # --- kernel selection -------------------------------------------------------------------------------------
+
+    def _kernel_for(self, x: torch.Tensor) -> str | None:
+        # Both aten kernels take bf16 only in practice: the CPU op also accepts fp32/fp16 but measured 70x (fp32)
+        # and 10x (fp16) slower than a dense F.linear at M=512 on torch 2.13, so those dtypes go portable.
+        if x.dtype != torch.bfloat16 or self.groupsize not in KERNEL_GROUPSIZES:
+            return None
+        if x.device.type == "cpu" and self.out_features % 16 == 0:  # CPU packer: "expect N to be dividable by 16"
+            return "cpu"
+        if x.device.type == "cuda" and self.out_features % 8 == 0:  # tinygemm tiles N by 8
+            return "cuda"
+        return None
+
+    def _act_order_perm(self) -> torch.Tensor | None:
+        """Column order that makes g_idx's groups contiguous, or None when there is no g_idx.
+
+        GPTQ act-order assigns groups along a permutation of the input columns. Sorting the columns by g_idx
+        (stable) lines the groups up again, so the kernels run on W[:, perm] and x[..., perm].
+        """
+        if self.g_idx is None:
+            return None
+        perm = torch.argsort(self.g_idx, stable=True)
+        Kp = self.g_idx.numel()
+        expected = torch.arange(Kp, device=perm.device) // self.groupsize
+        if not torch.equal(self.g_idx[perm].long(), expected):
+            raise ValueError(f"g_idx does not hold exactly {self.groupsize} columns per group")
+        return perm
+
+    def _pack_for(self, kind: str, dtype: torch.dtype) -> tuple:
+        """Kernel-layout weight and [G, N, 2] scale-and-zero tensor, built once per device/dtype and cached."""
+        key = (kind, self.qweight.device, dtype)
+        if self._kernel_cache is not None and self._kernel_cache[0] == key:
+            return self._kernel_cache[1:]
+        perm = self._act_order_perm()
+        q = unpack_int4(self.qweight)  # [N, Kp]
+        if perm is not None:
+            q = q[:, perm]
+        # Both kernels dequantize as (q - 8) * scale + zero_f with a float zero; ours is (q - zero) * scale,
+        # so zero_f = (8 - zero) * scale. Computed in fp32, rounded to the kernel dtype once.
+        zero_f = (8 - self.zeros) * self.scales
+        scale_zero = torch.stack((self.scales.t(), zero_f.t()), dim=-1).to(dtype).contiguous()  # [G, N, 2]
+        if kind == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        else:
+            Kp = q.shape[1]
+            inner_k_tiles = next(t for t in (8, 4, 2) if Kp % (t * 16) == 0)  # Kp % 32 == 0 always holds here
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_int4(q).contiguous(), inner_k_tiles)
+        self._kernel_cache = (key, packed, scale_zero, perm)
+        return packed, scale_zero, perm
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_cache = None  # new qweight: repack on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache = None  # .to(device) / .to(dtype): the kernel layout is device-specific
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self._kernel_for(x)
+        if kind is None:
+            # Portable path: any device and dtype.
+            y = F.linear(x, self.dequantize().to(x.dtype))
+            return y if self.bias is None else y + self.bias
+        packed, scale_zero, perm = self._pack_for(kind, x.dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        Kp = self.qweight.shape[1] * 2
+        if Kp != self.in_features:
+            x2 = F.pad(x2, (0, Kp - self.in_features))  # padded weight columns meet zero inputs
+        if perm is not None:
+            x2 = x2[:, perm]
+        x2 = x2.contiguous()
+        if kind == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.groupsize, scale_zero)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, packed, self.groupsize, scale_zero)
+        y = y.view(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,55 @@
+"""Int8 weight-only Linear: symmetric per-output-channel int8 weight with an fp32 scale per row.
+
+Produced by `quant.torchao_ptq.quantize_int8_wo` (torchao chooses the scales). We keep our own module rather
+than torchao's `Int8Tensor` weight because a torchao tensor subclass does not go through
+`safetensors.torch.save_file` (measured on torchao 0.18: "Attempted to access the data pointer on an invalid
+python storage"), while plain buffers do.
+
+State dict: `qweight` int8 [N, K], `scales` fp32 [N], optional `bias`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """y = (x @ qweight.T) * scales + bias, computed in the activation dtype as torchao's weight-only int8 does."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        N, K = qweight.shape
+        m = cls(K, N, bias is not None, device=qweight.device)
+        m.qweight = qweight.to(torch.int8).contiguous()
+        m.scales = scales.reshape(N).float().contiguous()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone())
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K] weight."""
+        return self.qweight.float() * self.scales[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Integer weights are exact in bf16/fp16/fp32, so only the final scale multiply rounds.
+        y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,69 @@
+"""Helpers for the quantizer tests: a tiny random Transformer, GPTQ configs, dequantized twins.
+
+A plain module (not a conftest.py) so that it cannot shadow tests/conftest.py, which other tests import from.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from models.llama import ModelArgs, Transformer
+from quant.base import decoder_linears
+
+TINY_ARGS = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+
+
+def gptq_cfg(**overrides) -> dict:
+    """A full gptq qcfg for the tiny model (groupsize 32 divides hidden 64 and intermediate 128)."""
+    cfg = dict(
+        name="gptq",
+        groupsize=32,
+        sym=False,
+        blocksize=128,
+        percdamp=0.01,
+        act_order=False,
+        static_groups=False,
+        true_sequential=True,
+        nsamples=8,
+        seqlen=32,
+        calibration="test",
+        seed=0,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def dequantized_twin(float_model: Transformer, qmodel: Transformer) -> Transformer:
+    """A float copy of float_model whose decoder linears carry qmodel's dequantized weights."""
+    twin = copy.deepcopy(float_model)
+    qlayers = dict(qmodel.named_modules())
+    with torch.no_grad():
+        for name, linear in decoder_linears(twin).items():
+            linear.weight.copy_(qlayers[name].dequantize())
+    return twin
+
+
+def tiny_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(**{**TINY_ARGS, **overrides})).eval()
+
+
+def calib_ids(nsamples: int = 8, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
