@@ -74,9 +74,7 @@ def describe(qcfg: Mapping) -> dict:
     keys = set(qcfg) - {"name"}
     missing, unknown = sorted(set(PARAMS[name]) - keys), sorted(keys - set(PARAMS[name]))
     if missing or unknown:
-        raise ValueError(
-            f"quantizer {name!r} takes exactly {list(PARAMS[name])}; missing {missing}, unknown {unknown}"
-        )
+        raise ValueError(f"quantizer {name!r} takes exactly {list(PARAMS[name])}; missing {missing}, unknown {unknown}")
     record = {"name": name, **{k: qcfg[k] for k in PARAMS[name]}}
     if "groupsize" in record and (
         not isinstance(record["groupsize"], int) or record["groupsize"] <= 0 or record["groupsize"] % 2

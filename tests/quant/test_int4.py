@@ -120,7 +120,11 @@ def test_act_order_g_idx_paths_match_dequantized(K, g):
 
 def test_portable_fallbacks():
     # group 16 is below what the kernels take; N = 40 is not a multiple of 16; fp16 is slow in the CPU kernel
-    cases = [(_linear(64, 64), 16, torch.bfloat16), (_linear(64, 40), 32, torch.bfloat16), (_linear(64), 32, torch.float16)]
+    cases = [
+        (_linear(64, 64), 16, torch.bfloat16),
+        (_linear(64, 40), 32, torch.bfloat16),
+        (_linear(64), 32, torch.float16),
+    ]
     for lin, g, dtype in cases:
         m = Int4WeightOnlyLinear.from_linear(lin.to(dtype), g, False)
         x = torch.randn(4, 64, dtype=dtype)
