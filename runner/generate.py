@@ -1,0 +1,362 @@
+"""Generate: complete prompts with any checkpoint this project loads, printing the text as it is produced.
+
+    python -m runner task=generate task.prompt="The capital of France is"
+    python -m runner task=generate task.prompts_file=prompts.jsonl task.temperature=0.8 task.top_p=0.95
+    python -m runner task=generate task.chat=true task.system="Answer briefly." task.prompt="Why is the sky blue?"
+    python -m runner task=generate checkpointer=native checkpointer.path=DIR task.compile=true  # finetune/quantize output
+
+Files written in the run directory: `samples.jsonl` (one line per prompt: prompt, completion, prompt_tokens,
+completion_tokens, finish_reason) and, through the runner, `metrics.json`.
+
+Metrics: `generate/prefill_tokens_per_s`, `generate/decode_tokens_per_s`, `generate/time_to_first_token_s`,
+`generate/compile_s`, `generate/peak_memory_bytes` (CUDA: peak allocated; CPU: the process's peak RSS),
+`generate/model_bytes` (stored weight bytes, packed sizes for quantized weights), `generate/decode_bytes_per_token`
+and `generate/bandwidth_gb_s` = weight bytes read per decode step x steps per second. As in gpt-fast the input
+embedding table is left out of the bytes read (a step gathers B rows of it), but a tied output head reads the whole
+table, so it then counts once.
+
+Knobs (conf/task/generate.yaml):
+- `prompt` or `prompts_file` (jsonl; each line a JSON string or {"prompt": ...}; it replaces `prompt`). A batch is
+  left-padded into one static KV cache; padded keys are masked, so each row decodes as it would alone.
+- `chat` renders the tokenizer's chat template with an optional `system` message (instruct models).
+- `temperature` 0 is greedy (deterministic, comparable across quantizers); above 0 samples from the distribution
+  restricted by `top_k` (null: off) and `top_p` (1.0: off), seeded by `seed`.
+- `max_new_tokens`; generation ends early at a stop token (EOS and the tokenizer's stop ids) or any `stop` string,
+  which is cut from the completion.
+- `compile` runs the one-token decode step through torch.compile (static shapes). Compilation takes tens of seconds
+  and is reported as `generate/compile_s`, outside the decode timing; it pays off for long generations.
+- `stream` prints a single prompt's completion token by token; batches are printed when they finish.
+
+`generate(model, tokenizer, prompts, ...)` is the sampler as a plain function over token ids; the eval stage
+uses it for lm-eval's generate_until.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from models.llama import Transformer
+from models.tokenizer import Tokenizer
+from runner import common
+
+log = logging.getLogger(__name__)
+
+
+# --- the sampler -----------------------------------------------------------------------------------------------
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the more likely ones already hold top_p of the mass; the most likely always stays.
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _visible(text: str, stop_strings: list[str]) -> tuple[str, bool]:
+    """(text safe to show, whether a stop string ended it). Holds back a tail that may still grow into a stop
+    string or is an unfinished UTF-8 character (decoded as U+FFFD)."""
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    if cuts:
+        return text[: min(cuts)], True
+    hold = max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    text = text[: len(text) - hold]
+    return text.rstrip("\ufffd"), False
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    stop_ids: set[int],
+    stop_strings: list[str],
+    generator: torch.Generator | None,
+    compile: bool = False,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[dict]:
+    """Complete a batch of tokenized prompts (lengths may differ) with one static KV cache.
+
+    Returns one dict per prompt: `ids` (generated ids, a final stop id included), `text` (the completion, stop id
+    and stop string cut off), `finish_reason` ("eos": a stop id, "stop": a stop string, "length"),
+    `prompt_tokens`, `completion_tokens` and `timings` (shared by the batch): prefill_s, time_to_first_token_s,
+    decode_s, decode_steps, compile_s. `temperature` 0 is greedy (generator unused). `on_text(row, text)`, when
+    given, receives each row's visible completion after every token and once more when the row ends.
+    """
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    ctx = model.args.max_position_embeddings
+    if B == 0 or min(lens) == 0:
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    P = max(lens)
+    S = P + max_new_tokens  # cache slots: prompt, then one per fed-back token
+    if S > ctx:
+        raise ValueError(f"generate: {P} prompt tokens + max_new_tokens={max_new_tokens} exceed the context of {ctx}")
+    dev = model.inv_freq.device
+    ids = torch.full((B, P), tokenizer.pad_id, dtype=torch.long)  # [B, P], left-padded
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p) :] = torch.tensor(p)
+    ids = ids.to(dev)
+    pad = torch.tensor([P - n for n in lens], device=dev)[:, None]  # [B, 1]
+    slots = torch.arange(S, device=dev)  # cache slot == column of the padded batch
+    padded = min(lens) != P
+    # Equal lengths need neither masks nor per-row positions: the decode step then does the least work.
+    kpm = slots[None] >= pad if padded else None  # [B, S], True = real token
+    prefill_pos = (slots[None, :P] - pad).clamp(min=0) if padded else None  # [B, P]
+
+    # The norm weights stay in the activation dtype even when the linear weights are quantized.
+    model.setup_caches(B, S, dtype=model.model.norm.weight.dtype)
+    try:
+        step = model
+        compile_s = 0.0
+        if compile:
+            step = torch.compile(model, dynamic=False)
+            t = time.perf_counter()
+            # Warm up on the last cache slot: a real step writes that slot again before anything attends to it.
+            last = slots[S - 1 :]
+            for _ in range(2):
+                step(ids[:, :1], input_pos=last, position_ids=last - pad if padded else None, key_padding_mask=kpm)
+            compile_s = time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        logits = model(ids, input_pos=slots[:P], position_ids=prefill_pos, key_padding_mask=kpm)  # [B, P, V]
+        tok = _sample(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+        toks = tok.tolist()
+        t1 = time.perf_counter()
+        out: list[list[int]] = [[] for _ in range(B)]
+        text = [""] * B
+        finish: list[str | None] = [None] * B
+        n_steps = 0
+        for i in range(max_new_tokens):
+            if i:
+                p = slots[P + i - 1 : P + i]  # [1]: the slot of the token fed back
+                logits = step(tok[:, None], input_pos=p, position_ids=p - pad if padded else None, key_padding_mask=kpm)
+                tok = _sample(logits[:, -1], temperature, top_k, top_p, generator)
+                toks = tok.tolist()
+                n_steps += 1
+            for b, t_ in enumerate(toks):
+                if finish[b] is not None:
+                    continue
+                out[b].append(t_)
+                if t_ in stop_ids:
+                    finish[b] = "eos"
+                if stop_strings or on_text is not None:
+                    gen = out[b][:-1] if finish[b] else out[b]
+                    text[b], hit = _visible(tokenizer.decode(gen), stop_strings)
+                    if hit:
+                        finish[b] = "stop"
+                    if on_text is not None:
+                        on_text(b, text[b])
+            if all(f is not None for f in finish):
+                break
+        t2 = time.perf_counter()
+    finally:
+        model.clear_caches()
+
+    timings = {
+        "prefill_s": t1 - t0,
+        "time_to_first_token_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "decode_steps": n_steps,
+        "compile_s": compile_s,
+    }
+    results = []
+    for b in range(B):
+        reason = finish[b] or "length"
+        if reason != "stop":  # no stop string in it: the whole decoded text, nothing held back
+            text[b] = tokenizer.decode(out[b][:-1] if reason == "eos" else out[b])
+        if on_text is not None:
+            on_text(b, text[b])
+        results.append(
+            {
+                "ids": out[b],
+                "text": text[b],
+                "finish_reason": reason,
+                "prompt_tokens": lens[b],
+                "completion_tokens": len(out[b]),
+                "timings": timings,
+            }
+        )
+    return results
+
+
+# --- the stage -------------------------------------------------------------------------------------------------
+def _check_knobs(t: DictConfig) -> None:
+    if t.max_new_tokens < 1:
+        raise common.ConfigError(f"task.max_new_tokens={t.max_new_tokens} is out of range; use an integer >= 1")
+    if t.temperature < 0:
+        raise common.ConfigError(f"task.temperature={t.temperature} is out of range; use 0 (greedy) or more")
+    if not 0 < t.top_p <= 1:
+        raise common.ConfigError(f"task.top_p={t.top_p} is out of range; use a value in (0, 1] (1 = off)")
+    if t.top_k is not None and t.top_k < 1:
+        raise common.ConfigError(f"task.top_k={t.top_k} is out of range; use an integer >= 1, or null for off")
+    if any(not s for s in t.stop):
+        raise common.ConfigError("task.stop contains an empty string; list non-empty stop strings")
+
+
+def _read_prompts(t: DictConfig) -> list[str]:
+    if t.prompts_file is None:
+        if t.prompt is None or not t.prompt.strip():
+            raise common.ConfigError("task.prompt is empty; pass task.prompt=TEXT or task.prompts_file=FILE.jsonl")
+        return [t.prompt]
+    path = Path(t.prompts_file).expanduser()
+    if not path.is_file():
+        raise common.ConfigError(f"task.prompts_file={path} not found; give a jsonl file, one prompt a line")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise common.ConfigError(f"{path}:{n}: not JSON ({e}); write one JSON string or object a line") from e
+        prompt = row["prompt"] if isinstance(row, dict) and "prompt" in row else row
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise common.ConfigError(f'{path}:{n}: empty or missing prompt; write "text" or {{"prompt": "text"}}')
+        prompts.append(prompt)
+    if not prompts:
+        raise common.ConfigError(f"task.prompts_file={path} has no prompts")
+    return prompts
+
+
+def _encode(t: DictConfig, tok: Tokenizer, prompt: str) -> list[int]:
+    if not t.chat:
+        return tok.encode(prompt)
+    messages = [{"role": "system", "content": t.system}] if t.system is not None else []
+    try:
+        text = tok.apply_chat_template([*messages, {"role": "user", "content": prompt}])
+    except ValueError as e:
+        raise common.ConfigError(f"task.chat=true: {e}") from e
+    # The template writes any BOS itself (HF's apply_chat_template also encodes without special tokens).
+    return tok.encode(text, bos=False)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies; quantized tensor subclasses count their packed inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def _weight_bytes(model: Transformer) -> tuple[int, int]:
+    """(bytes of all stored weights, bytes one decode step reads: all but the input embedding, unless tied)."""
+    sd = model.state_dict()
+    total = sum(_tensor_bytes(v) for v in sd.values())
+    embed = sum(_tensor_bytes(v) for k, v in sd.items() if k.startswith("model.embed_tokens."))
+    return total, total if model.lm_head is None else total - embed
+
+
+class _Printer:
+    """Streams one prompt's completion to stdout as deltas of its visible text."""
+
+    def __init__(self):
+        self.shown = ""
+
+    def __call__(self, row: int, text: str) -> None:
+        if text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown) :])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def _peak_memory(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    t = cfg.task
+    _check_knobs(t)
+    texts = _read_prompts(t)
+    dev = common.device(cfg)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model, tok = common.load_model(cfg)
+    prompts = [_encode(t, tok, x) for x in texts]
+    ctx = model.args.max_position_embeddings
+    for n, p in enumerate(prompts, 1):
+        where = "task.prompt" if t.prompts_file is None else f"{t.prompts_file}:{n}"
+        if not p:
+            raise common.ConfigError(f"{where}: the prompt encodes to no tokens; give a non-empty prompt")
+        if len(p) + t.max_new_tokens > ctx:
+            raise common.ConfigError(
+                f"{where}: {len(p)} prompt tokens + task.max_new_tokens={t.max_new_tokens} exceed the model's context "
+                f"of {ctx} (model.max_position_embeddings); shorten the prompt or lower task.max_new_tokens"
+            )
+    total_bytes, step_bytes = _weight_bytes(model)
+    log.info(
+        "generating %d completion(s) with %s (%.1f MB of weights)", len(prompts), cfg.model.name, total_bytes / 1e6
+    )
+
+    stream = t.stream and len(prompts) == 1
+    if stream:
+        sys.stdout.write(texts[0])
+    generator = torch.Generator(device=dev).manual_seed(t.seed) if t.temperature > 0 else None
+    results = generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=t.max_new_tokens,
+        temperature=t.temperature,
+        top_k=t.top_k,
+        top_p=t.top_p,
+        stop_ids=tok.stop_ids,
+        stop_strings=list(t.stop),
+        generator=generator,
+        compile=t.compile,
+        on_text=_Printer() if stream else None,
+    )
+    if stream:
+        sys.stdout.write("\n")
+    elif t.stream:
+        for n, (x, r) in enumerate(zip(texts, results, strict=True), 1):
+            sys.stdout.write(f"--- [{n}] {x}{r['text']}\n")
+    sys.stdout.flush()
+
+    with open(common.run_dir() / "samples.jsonl", "w", encoding="utf-8") as f:
+        for x, r in zip(texts, results, strict=True):
+            row = {k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}
+            f.write(json.dumps({"prompt": x, "completion": r["text"], **row}, ensure_ascii=False) + "\n")
+
+    tm = results[0]["timings"]
+    steps, decode_s = tm["decode_steps"], tm["decode_s"]
+    decoded = sum(r["completion_tokens"] - 1 for r in results)  # the first token of each row comes from prefill
+    return {
+        "generate/prefill_tokens_per_s": sum(len(p) for p in prompts) / tm["prefill_s"],
+        # No decode step ran when max_new_tokens=1 or every row stopped at once: report 0 rather than divide by 0.
+        "generate/decode_tokens_per_s": decoded / decode_s if steps else 0.0,
+        "generate/time_to_first_token_s": tm["time_to_first_token_s"],
+        "generate/compile_s": tm["compile_s"],
+        "generate/new_tokens": float(sum(r["completion_tokens"] for r in results)),
+        "generate/peak_memory_bytes": float(_peak_memory(dev)),
+        "generate/model_bytes": float(total_bytes),
+        "generate/decode_bytes_per_token": float(step_bytes),
+        "generate/bandwidth_gb_s": step_bytes * steps / decode_s / 1e9 if steps else 0.0,
+    }
