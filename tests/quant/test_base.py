@@ -1,0 +1,97 @@
+"""The quantizer contract: config validation, what gets quantized, and the two-phase save/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from quant_helpers import calib_ids, dequantized_twin, gptq_cfg, tiny_model, token_ids
+from safetensors.torch import load_file, save_file
+
+from quant import describe, prepare_for_load, quantize_model
+from quant.base import PARAMS, decoder_linears
+from quant.int4 import Int4WeightOnlyLinear
+from quant.int8 import Int8WeightOnlyLinear
+
+QCFGS = {
+    "int8_wo": {"name": "int8_wo"},
+    "int4_wo": {"name": "int4_wo", "groupsize": 32, "sym": False},
+    "int4_wo_sym_padded": {"name": "int4_wo", "groupsize": 48, "sym": True},
+    "gptq": gptq_cfg(),
+    "gptq_act_order": gptq_cfg(act_order=True),
+    "gptq_static_groups": gptq_cfg(act_order=True, static_groups=True),
+}
+
+
+def test_describe_records_exactly_the_knobs():
+    assert describe({"name": "none"}) == {"name": "none"}
+    rec = describe(gptq_cfg())
+    assert list(rec) == ["name", *PARAMS["gptq"]]
+    assert json.loads(json.dumps(rec)) == rec
+
+
+@pytest.mark.parametrize(
+    ("qcfg", "message"),
+    [
+        ({"name": "int3"}, "not one of"),
+        ({"name": "int4_wo", "groupsize": 32}, r"missing \['sym'\]"),
+        ({"name": "int4_wo", "groupsize": 32, "sym": False, "blocksize": 128}, r"unknown \['blocksize'\]"),
+        ({"name": "int4_wo", "groupsize": 33, "sym": False}, "positive even"),
+    ],
+)
+def test_describe_rejects_bad_configs(qcfg, message):
+    with pytest.raises(ValueError, match=message):
+        describe(qcfg)
+
+
+def test_gptq_needs_calibration():
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_model(tiny_model(), gptq_cfg())
+
+
+@pytest.mark.parametrize("key", list(QCFGS))
+def test_only_decoder_linears_are_quantized(key):
+    qcfg = QCFGS[key]
+    model = quantize_model(tiny_model(), qcfg, calib_ids() if qcfg["name"] == "gptq" else None)
+    cls = Int8WeightOnlyLinear if qcfg["name"] == "int8_wo" else Int4WeightOnlyLinear
+    assert sum(isinstance(m, cls) for m in model.modules()) == 14  # 7 linears x 2 blocks
+    assert not decoder_linears(model)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    # plain tensors only: what safetensors can write
+    assert all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_int4_wo_logits_match_dequantized_twin(sym):
+    float_model = tiny_model()
+    qmodel = quantize_model(tiny_model(), {"name": "int4_wo", "groupsize": 32, "sym": sym})
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(ids), dequantized_twin(float_model, qmodel)(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", list(QCFGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_prepare_load_gives_identical_logits(tmp_path, key, dtype):
+    qcfg = QCFGS[key]
+    model = tiny_model().to(dtype)
+    quantize_model(model, qcfg, calib_ids() if qcfg["name"] == "gptq" else None)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "quantizer.json").write_text(json.dumps(describe(qcfg)))
+
+    with torch.device("meta"):
+        fresh = tiny_model()
+    prepare_for_load(fresh, json.loads((tmp_path / "quantizer.json").read_text()))
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), assign=True, strict=True)
+    fresh.inv_freq = model.inv_freq  # non-persistent buffer, rebuilt by the loader in real use
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+def test_prepare_for_load_none_is_identity():
+    model = tiny_model()
+    assert prepare_for_load(model, {"name": "none"}) is model
+    assert len(decoder_linears(model)) == 14
