@@ -1,0 +1,168 @@
+"""Quantization quality and speed on one model: float vs RTN int4 vs GPTQ int4 over group sizes, JSON out.
+
+    python benchmarks/quantize.py --out quantize_bench.json                    # the full grid (hours on 2 CPU cores)
+    python benchmarks/quantize.py --nsamples 32 --groupsizes 64 128 --ppl-windows 20 --out small.json
+    python benchmarks/quantize.py checkpointer=gguf checkpointer.path=/path/SmolLM2-135M-Instruct.Q4_1.gguf
+
+Positional arguments are Hydra overrides on top of `task=quantize quantizer=gptq` (default model: smollm2_135m from
+its pinned source). For every group size it scores RTN (`int4_wo`) and GPTQ with act-order off and on, all on the
+same calibration windows (`--nsamples` x `--seqlen` tokens of `--calibration`, `--seed`), with WikiText-2 test
+perplexity under the GPTQ paper's protocol (runner.common.perplexity, 2048-token windows; `--ppl-windows` limits the
+count, default all). It also times two plain forward passes of the float model over the calibration windows: the
+floor for sequential GPTQ, which must push the whole calibration set through every block once before quantizing it
+and once after.
+
+Targets checked in the output (`targets`): GPTQ (the better act-order setting) beats RTN at every group size, and each
+GPTQ run takes at most 1.5x the two-pass floor.
+
+Written: the JSON file given by --out (also printed): settings, machine, float perplexity, the floor, one record per
+run (method, groupsize, act_order, ppl, seconds) and the target checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from quant import quantize_model  # noqa: E402 - after the path setup above
+from runner import common  # noqa: E402
+from runner.calibration import calibration_windows  # noqa: E402
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. checkpointer.path=FILE model.dtype=float32")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--calibration", default="c4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--groupsizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--act-order", choices=["both", "on", "off"], default="both")
+    p.add_argument("--ppl-windows", type=int, default=None, help="first N WikiText-2 windows (default: all)")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args()
+
+
+def _config(a: argparse.Namespace):
+    overrides = [
+        "task=quantize",
+        "quantizer=gptq",
+        f"quantizer.nsamples={a.nsamples}",
+        f"quantizer.seqlen={a.seqlen}",
+        f"quantizer.calibration={a.calibration}",
+        f"quantizer.seed={a.seed}",
+        f"task.ppl_windows={'null' if a.ppl_windows is None else a.ppl_windows}",
+        *a.overrides,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _ppl(cfg, model, tok, text) -> tuple[float, int]:
+    t = cfg.task
+    return common.perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+
+
+@torch.no_grad()
+def _forward_seconds(model, calib: torch.Tensor, passes: int) -> float:
+    dev = next(model.parameters()).device
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        for row in calib:
+            model(row[None].to(dev))
+    return time.perf_counter() - t0
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    a = _args()
+    cfg = _config(a)
+    started = time.time()
+    float_model, tok = common.load_model(cfg, apply_quantizer=False)
+    text = common.wikitext2_test_text(cfg)
+    calib = calibration_windows(cfg, tok)  # [nsamples, seqlen]
+    result = {
+        "settings": {
+            "model": cfg.model.name,
+            "checkpoint": str(common.checkpoint_path(cfg)),
+            "dtype": cfg.model.dtype,
+            "device": str(common.device(cfg)),
+            "nsamples": a.nsamples,
+            "seqlen": a.seqlen,
+            "calibration": a.calibration,
+            "seed": a.seed,
+            "ppl_seqlen": cfg.task.ppl_seqlen,
+            "ppl_windows": a.ppl_windows,
+            "gptq": {k: v for k, v in OmegaConf.to_container(cfg.quantizer, resolve=True).items() if k != "groupsize"},
+            "overrides": a.overrides,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "runs": [],
+    }
+    _log(f"calibration {tuple(calib.shape)}; timing two forward passes of the float model")
+    result["floor_two_forward_s"] = _forward_seconds(float_model, calib, passes=2)
+    ppl, n = _ppl(cfg, float_model, tok, text)
+    result["ppl_float"], result["ppl_windows_scored"] = ppl, n
+    _log(f"float ppl {ppl:.4f} over {n} windows; floor {result['floor_two_forward_s']:.1f} s")
+
+    act_orders = {"both": [False, True], "on": [True], "off": [False]}[a.act_order]
+    base = OmegaConf.to_container(cfg.quantizer, resolve=True)
+    for g in a.groupsizes:
+        plans = [("rtn", {"name": "int4_wo", "groupsize": g, "sym": base["sym"]}, None)]
+        plans += [("gptq", {**base, "groupsize": g, "act_order": ao}, ao) for ao in act_orders]
+        for method, qcfg, act_order in plans:
+            model = copy.deepcopy(float_model)
+            t0 = time.perf_counter()
+            quantize_model(model, qcfg, calib if method == "gptq" else None)
+            seconds = time.perf_counter() - t0
+            ppl, _ = _ppl(cfg, model, tok, text)
+            run = {"method": method, "groupsize": g, "act_order": act_order, "ppl": ppl, "seconds": seconds}
+            result["runs"].append(run)
+            _log(json.dumps(run))
+            del model
+
+    floor = result["floor_two_forward_s"]
+    targets = {}
+    for g in a.groupsizes:
+        rtn = next(r["ppl"] for r in result["runs"] if r["method"] == "rtn" and r["groupsize"] == g)
+        gptq = [r for r in result["runs"] if r["method"] == "gptq" and r["groupsize"] == g]
+        best = min(gptq, key=lambda r: r["ppl"])
+        targets[f"g{g}"] = {
+            "gptq_beats_rtn": best["ppl"] < rtn,
+            "best_act_order": best["act_order"],
+            **{f"gptq_beats_rtn_act_order_{r['act_order']}": r["ppl"] < rtn for r in gptq},
+            "max_time_over_floor": max(r["seconds"] for r in gptq) / floor,
+            "time_within_1.5x_floor": all(r["seconds"] <= 1.5 * floor for r in gptq),
+        }
+    result["targets"] = targets
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["total_s"] = time.time() - started
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Quantize: turn a float checkpoint into a quantized native checkpoint and check its quality.
+
+    python -m runner task=quantize quantizer=gptq                  # the main job: GPTQ int4, group 128, C4 calibration
+    python -m runner task=quantize quantizer=int4_wo quantizer.groupsize=64
+    python -m runner task=quantize quantizer=gptq quantizer.nsamples=128 quantizer.seqlen=2048 task.ppl_windows=null
+    python -m runner task=generate checkpointer=native checkpointer.path=<run>/model   # use the result
+
+Steps: load the float model (model.source or checkpointer.path), score it, quantize the linears of the decoder
+blocks (embeddings, norms and the output head stay float; quant/base.py has the contract), write the checkpoint,
+score the quantized model.
+
+Files written in the run directory: `model/` (native checkpoint via models.checkpoint.save_native: model.safetensors
+with packed int4/int8 weights, scales, zeros and, for GPTQ act-order without static groups, g_idx; quantizer.json;
+model_args.json; tokenizer files; config.yaml), and through the runner metrics.json.
+
+Metrics: `quantize/seconds` (quantization only, GPTQ's calibration passes included), `quantize/model_bytes` (bytes of
+the saved tensors), `quantize/float_bytes` and `quantize/compression` (their ratio, against the float model in
+model.dtype), `quantize/ppl` and `quantize/ppl_float` (WikiText-2 test perplexity, GPTQ paper protocol through
+runner.common.perplexity), `quantize/ppl_windows` (windows scored).
+
+Knobs (conf/task/quantize.yaml; the quantizer's own in conf/quantizer/):
+- `ppl` turns the quality check off; `ppl_windows` scores the first N windows of `ppl_seqlen` tokens (null: all;
+  the paper's numbers need all, ~147 windows and ~25 min per model for SmolLM2 on 2 CPU cores).
+- `save: false` skips writing the checkpoint (sweeps that only want the metrics).
+- GPTQ calibration (`quantizer.calibration`, `nsamples`, `seqlen`, `seed`): runner/calibration.py. Calibrating on
+  the text the quality check scores is refused.
+
+Sweep-invariant work is cached under `paths.cache_dir`: the float model's perplexity (`ppl/`, keyed by the model's
+checkpoint, tokenizer, dtype, device, the scored text, the window settings and the scoring code) and the calibration
+windows (`calibration/`). Delete those folders to recompute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from models.checkpoint import save_native
+from models.llama import Transformer
+from models.tokenizer import Tokenizer
+from quant import describe, quantize_model
+from quant.int4 import Int4WeightOnlyLinear
+from quant.int8 import Int8WeightOnlyLinear
+from runner import common
+from runner.calibration import calibration_windows, corpus_path
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _model_key(cfg: DictConfig) -> dict:
+    """What identifies the float model's weights without hashing them: the pinned sha256 of model.source, the stat
+    of every file under checkpointer.path, or the random-init arguments and seed."""
+    if cfg.checkpointer.path is not None:
+        root = Path(cfg.checkpointer.path).expanduser().resolve()
+        files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
+        return {"path": str(root), "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    if cfg.model.source is not None:
+        return {"source": cfg.model.source, "sha256": cfg.model.sha256}
+    return {"args": OmegaConf.to_container(cfg.model.args, resolve=True), "seed": cfg.seed}
+
+
+def _code_key() -> str:
+    # The float perplexity also depends on the code that loads and runs the model: a fix there must not be hidden
+    # behind a cached number.
+    import models.checkpoint
+    import models.llama
+
+    files = [models.llama.__file__, models.checkpoint.__file__, common.__file__]
+    gguf = sys.modules.get("models.gguf")
+    if gguf is not None:
+        files.append(gguf.__file__)
+    return _sha256(b"".join(Path(f).read_bytes() for f in files))
+
+
+def _perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text: str) -> tuple[float, int]:
+    t = cfg.task
+    return common.perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+
+
+def _float_perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text: str) -> tuple[float, int]:
+    """The float model's perplexity, computed once per model/text/settings and then read from paths.cache_dir."""
+    t = cfg.task
+    key = {
+        "model": _model_key(cfg),
+        "checkpointer": cfg.checkpointer.name,
+        "dtype": cfg.model.dtype,
+        "device": common.device(cfg).type,
+        "tokenizer": _sha256(tok.tok.to_str().encode()),
+        "text": _sha256(text.encode()),
+        "seqlen": t.ppl_seqlen,
+        "windows": t.ppl_windows,
+        "batch_size": t.ppl_batch_size,
+        "torch": torch.__version__,
+        "code": _code_key(),
+    }
+    path = Path(cfg.paths.cache_dir).expanduser() / "ppl" / f"{_sha256(json.dumps(key).encode())}.json"
+    if path.is_file():
+        hit = json.loads(path.read_text())
+        log.info("float perplexity %.4f from cache %s", hit["ppl"], path)
+        return hit["ppl"], hit["windows_scored"]
+    ppl, n = _perplexity(cfg, model, tok, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"ppl": ppl, "windows_scored": n, "key": key}, indent=2))
+    tmp.replace(path)
+    return ppl, n
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(v.numel() * v.element_size() for v in model.state_dict().values())
+
+
+def _check_inputs(cfg: DictConfig) -> None:
+    q = cfg.quantizer
+    if q.name == "none":
+        raise common.ConfigError(
+            "task=quantize needs a quantizer: add quantizer=gptq, quantizer=int4_wo or quantizer=int8_wo"
+        )
+    if q.name == "gptq" and cfg.task.ppl:
+        calib = corpus_path(cfg)
+        scored = common.data_path(cfg, common.WIKITEXT2_TEST).resolve()
+        if calib == scored:
+            raise common.ConfigError(
+                f"quantizer.calibration={q.calibration} is {scored}, the text task.ppl scores; calibrate on other "
+                "text (quantizer.calibration=c4) or turn the quality check off (task.ppl=false)"
+            )
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    _check_inputs(cfg)
+    qcfg = OmegaConf.to_container(cfg.quantizer, resolve=True)
+    try:
+        record = describe(qcfg)
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from e
+    model, tok = common.load_model(cfg, apply_quantizer=False)
+    if any(isinstance(m, Int4WeightOnlyLinear | Int8WeightOnlyLinear) for m in model.modules()):
+        raise common.ConfigError(
+            f"{cfg.checkpointer.path} is already quantized; task=quantize needs a float checkpoint (set checkpointer.path)"
+        )
+    metrics: dict[str, float] = {"quantize/float_bytes": float(_tensor_bytes(model))}
+
+    text = common.wikitext2_test_text(cfg) if cfg.task.ppl else None
+    if text is not None:
+        ppl_float, _ = _float_perplexity(cfg, model, tok, text)
+        metrics["quantize/ppl_float"] = ppl_float
+        log.info("float model: WikiText-2 perplexity %.4f", ppl_float)
+
+    calib = calibration_windows(cfg, tok) if record["name"] == "gptq" else None
+    t0 = time.perf_counter()
+    model = quantize_model(model, record, calib)
+    metrics["quantize/seconds"] = time.perf_counter() - t0
+    metrics["quantize/model_bytes"] = float(_tensor_bytes(model))
+    metrics["quantize/compression"] = metrics["quantize/float_bytes"] / metrics["quantize/model_bytes"]
+    log.info("quantized with %s in %.1f s", record["name"], metrics["quantize/seconds"])
+
+    if cfg.task.save:
+        out = save_native(common.run_dir() / "model", model, tok, record, common.resolved_yaml(cfg))
+        log.info("wrote %s (load it with checkpointer=native checkpointer.path=%s)", out, out)
+    if text is not None:
+        ppl, n = _perplexity(cfg, model, tok, text)
+        metrics["quantize/ppl"] = ppl
+        metrics["quantize/ppl_windows"] = float(n)
+        log.info("quantized model: WikiText-2 perplexity %.4f over %d windows (float %.4f)", ppl, n, ppl_float)
+    common.log_metrics(metrics, step=0)
+    return metrics
