@@ -127,8 +127,8 @@ def _model_args(meta: _Metadata, arch: str, tensors: dict) -> ModelArgs:
         num_attention_heads=heads,
         num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
         max_position_embeddings=meta.get(f"{arch}.context_length"),
-        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_decimal(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=_decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in tensors,
         rope_scaling=_rope_scaling(meta, arch),
         head_dim=None if key_length in (None, hidden // heads) else key_length,
@@ -142,12 +142,18 @@ def _model_args(meta: _Metadata, arch: str, tensors: dict) -> ModelArgs:
     return args
 
 
+def _decimal(x: float) -> float:
+    """GGUF stores these as float32: 1e-5 reads back as 9.99999974e-06. Take the shortest decimal that is the same
+    float32, which is the value in the source config.json, so saved model_args.json match HF's."""
+    return float(str(np.float32(x)))
+
+
 def _rope_scaling(meta: _Metadata, arch: str) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta.get(f"{arch}.rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": _decimal(meta.get(f"{arch}.rope.scaling.factor"))}
     raise ValueError(f"{meta.path}: RoPE scaling {kind!r} is not supported (none, linear, llama3)")
 
 
