@@ -1,0 +1,60 @@
+"""`python -m runner` as a user runs it: run directories, status.json, and one-line errors with non-zero exits."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+SMOKE = ["task=generate", "debug=smoke", "task.prompt=hello"]
+
+
+def _last_line(text: str) -> str:
+    return [line for line in text.strip().splitlines() if line.strip()][-1]
+
+
+def test_run_directory_holds_everything(tmp_path):
+    r = run_cli([*SMOKE, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "run.log", "metrics.json", "status.json"):
+        assert (run / name).is_file(), name
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "ok" and status["error"] is None
+    assert status["versions"]["torch"] and status["duration_s"] >= 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics and all(k.startswith("generate/") for k in metrics)
+
+
+def test_default_run_dir_is_outputs_task_timestamp(tmp_path):
+    r = run_cli([*SMOKE, f"paths.output_root={tmp_path}/outputs"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (run,) = (tmp_path / "outputs" / "generate").iterdir()
+    assert (run / "status.json").is_file()
+
+
+def test_value_out_of_range_fails_with_one_line_and_failed_status(tmp_path):
+    r = run_cli([*SMOKE, "task.max_new_tokens=0", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "task.max_new_tokens" in _last_line(r.stderr)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "max_new_tokens" in status["error"]
+    assert (tmp_path / "run" / "traceback.txt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["task=generat"], "Available options in 'task'"),
+        ([*SMOKE, "task.max_new_tokns=3"], "max_new_tokns"),
+        ([*SMOKE, "checkpointer=native", "checkpointer.path=/no/such/dir"], "/no/such/dir"),
+        ([*SMOKE, "model=tiny", "quantizer=int5"], "Available options in 'quantizer'"),
+    ],
+    ids=["unknown-option", "typo-key", "missing-checkpoint", "unknown-quantizer"],
+)
+def test_bad_input_is_a_clear_error(tmp_path, args, expected):
+    r = run_cli([*args, f"paths.output_root={tmp_path}/outputs"], cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert expected in r.stderr
