@@ -22,9 +22,12 @@ the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IS
   quantize to exactly 0, so padding changes nothing for the real columns.
 
 `gptq_quantize_model` runs the sequential recipe over a `models.llama.Transformer`: embed the calibration batch,
-then per decoder block capture each linear's Hessian with forward pre-hooks, quantize, and feed the batch
-through the quantized block to produce the next block's inputs. Memory holds one block's input and output
-activations for the calibration set; the block itself runs in chunks of about `_CHUNK_TOKENS` tokens.
+then per decoder block capture each linear's Hessian with forward pre-hooks (one fp32 matmul per chunk),
+quantize, and feed the batch through the quantized block to produce the next block's inputs. With
+`true_sequential` the groups q/k/v, o, gate/up, down are quantized in turn, each calibrated on the outputs of the
+already-quantized groups (see `_sequential_block` for how this avoids re-running the whole block per group).
+Memory holds a few [nsamples, seqlen, hidden] activation buffers of one block; the block runs in chunks of about
+`_CHUNK_TOKENS` tokens.
 
 Self-check: every layer's output-space SQNR on the calibration inputs, 10 log10(tr(W H W^T) / tr(E H E^T))
 with E the quantization error, must clear `_MIN_SQNR_DB`, or quantization stops with an error.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -193,49 +197,130 @@ class _Hessian:
 
 
 class _StopForward(Exception):
-    """Raised by a capture hook once every linear of the group has seen its input: the rest of the block is
-    not needed for this capture pass."""
+    """Raised by a capture hook once every input it needs from this chunk is in: the rest is not computed."""
 
 
-def _capture_hessians(block: nn.Module, names: tuple[str, ...], x: torch.Tensor, cos, sin, chunk: int):
-    """Hessians of the inputs of block's linears `names`, from running the block on x [S, T, C] in chunks."""
+def _capture(
+    block: nn.Module,
+    names: tuple[str, ...],
+    run: Callable[[int, int], object],
+    n_seq: int,
+    chunk: int,
+    keep: str | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Hessians of the inputs of `block`'s linears `names`, calling `run(start, end)` on each chunk of sequences.
+
+    Forward pre-hooks read the inputs and stop the forward as soon as the last needed input arrived. Linears
+    called on the very same tensor (q/k/v; gate/up) share one Hessian; the first chunk finds who shares, later
+    chunks stop at the first linear of each sharing set, so e.g. k and v are not computed just to be captured.
+    `keep` names one linear whose input is also stored for all sequences and returned (o_proj's, see below).
+    """
     hessians: dict[str, _Hessian] = {}
+    feeders: list[str] = []  # one linear per distinct input, in call order
+    kept: list[torch.Tensor | None] = [None]
     state: dict = {}
 
     def make_hook(name: str):
         def hook(module, args):
-            inp = args[0]
+            inp = args[0]  # [B, T, K]
+            if name == keep:
+                if kept[0] is None:
+                    kept[0] = inp.new_empty((n_seq, *inp.shape[1:]))
+                kept[0][state["start"] : state["start"] + inp.shape[0]] = inp
             last = state["last"]
             if last is not None and last[0] is inp:
-                # q/k/v (and gate/up) are called on the same tensor: one Hessian serves them all.
                 if hessians.setdefault(name, last[1]) is not last[1]:
                     raise RuntimeError(f"GPTQ: {name} changed input sharing between calibration chunks")
             else:
                 if name not in hessians:
                     hessians[name] = _Hessian(inp.shape[-1], inp.device)
+                    feeders.append(name)
                 hessians[name].add(inp)
                 state["last"] = (inp, hessians[name])
             state["seen"].add(name)
-            if len(state["seen"]) == len(names):
+            if state["seen"] >= state["needed"]:
                 raise _StopForward
 
         return hook
 
     handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
-        for s in range(0, x.shape[0], chunk):
-            state["last"], state["seen"] = None, set()
+        for start in range(0, n_seq, chunk):
+            needed = set(names) if start == 0 else set(feeders)
+            state.update(last=None, seen=set(), start=start, needed=needed)
             try:
-                block(x[s : s + chunk], cos, sin)
+                run(start, min(start + chunk, n_seq))
             except _StopForward:
                 pass
-            if len(state["seen"]) != len(names):
-                missing = sorted(set(names) - state["seen"])
-                raise RuntimeError(f"GPTQ: linears {missing} were not called by the block's forward")
+            if not state["seen"] >= needed:
+                raise RuntimeError(f"GPTQ: linears {sorted(needed - state['seen'])} were not called by the forward")
     finally:
         for h in handles:
             h.remove()
-    return {name: h.H for name, h in hessians.items()}
+    return {name: h.H for name, h in hessians.items()}, kept[0]
+
+
+def _quantize_group(block: nn.Module, index: int, names, hessians, knobs: dict, results: dict) -> None:
+    for name in names:
+        linear = block.get_submodule(name)
+        res = gptq_quantize_weight(linear.weight, hessians[name], **knobs)
+        log.info("block %d %s: loss %.4g, output SQNR %.1f dB", index, name, res.loss, res.sqnr_db)
+        if res.sqnr_db < _MIN_SQNR_DB:
+            raise RuntimeError(
+                f"GPTQ self-check: block {index} {name} output SQNR {res.sqnr_db:.1f} dB < {_MIN_SQNR_DB} dB"
+            )
+        # Later captures and the block output must see this layer quantized: write the dequantized weight (what
+        # Int4WeightOnlyLinear's portable path computes) into the float layer until the block is done.
+        wq = dequantize(res.q, res.scales, res.zeros, knobs["groupsize"], res.g_idx)
+        linear.weight.copy_(wq[:, : linear.in_features])
+        results[name] = res
+
+
+def _sequential_block(block, index, x, cos, sin, chunk, knobs, results) -> torch.Tensor:
+    """true_sequential: q/k/v, then o, then gate/up, then down, each calibrated on its quantized predecessors.
+
+    The reference re-runs the whole block for each group. Here each capture runs only the residual branch it
+    needs, and o_proj's input is kept from its capture, so the attention (the dominant cost at long seqlen) runs
+    twice per block instead of five times; the values are the ones the block's own forward computes. This
+    mirrors models.llama.Block.forward, `h = x + self_attn(input_layernorm(x)); out = h + mlp(
+    post_attention_layernorm(h))`; tests/quant/test_gptq.py holds it to a driver that re-runs `block(x)`.
+    """
+    attn, mlp, n_seq = block.self_attn, block.mlp, x.shape[0]
+    qkv, o, gate_up, down = _SEQUENTIAL_GROUPS
+
+    def run_attn(s, e):
+        attn(block.input_layernorm(x[s:e]), cos, sin, None, None)
+
+    hessians, _ = _capture(block, qkv, run_attn, n_seq, chunk)
+    _quantize_group(block, index, qkv, hessians, knobs, results)
+    hessians, context = _capture(block, o, run_attn, n_seq, chunk, keep=o[0])  # context: [S, T, H*D]
+    _quantize_group(block, index, o, hessians, knobs, results)
+    h = torch.empty_like(x)
+    for s in range(0, n_seq, chunk):
+        h[s : s + chunk] = x[s : s + chunk] + attn.o_proj(context[s : s + chunk])  # o_proj is attention's output
+    del context
+
+    def run_mlp(s, e):
+        mlp(block.post_attention_layernorm(h[s:e]))
+
+    for names in (gate_up, down):
+        hessians, _ = _capture(block, names, run_mlp, n_seq, chunk)
+        _quantize_group(block, index, names, hessians, knobs, results)
+    for s in range(0, n_seq, chunk):
+        h[s : s + chunk] += mlp(block.post_attention_layernorm(h[s : s + chunk]))
+    return h
+
+
+def _all_at_once_block(block, index, x, cos, sin, chunk, knobs, results) -> torch.Tensor:
+    """Not true_sequential: every linear calibrated on the float block's inputs, as the reference's default."""
+    names = sum(_SEQUENTIAL_GROUPS, ())
+    n_seq = x.shape[0]
+    hessians, _ = _capture(block, names, lambda s, e: block(x[s:e], cos, sin), n_seq, chunk)
+    _quantize_group(block, index, names, hessians, knobs, results)
+    out = torch.empty_like(x)
+    for s in range(0, n_seq, chunk):
+        out[s : s + chunk] = block(x[s : s + chunk], cos, sin)
+    return out
 
 
 def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, progress: bool = True) -> nn.Module:
@@ -250,10 +335,10 @@ def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, p
             f"{qcfg['nsamples']} and quantizer.seqlen={qcfg['seqlen']}"
         )
     knobs = {k: qcfg[k] for k in ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym")}
-    groups = _SEQUENTIAL_GROUPS if qcfg["true_sequential"] else (sum(_SEQUENTIAL_GROUPS, ()),)
+    quantize_block = _sequential_block if qcfg["true_sequential"] else _all_at_once_block
     embed = model.model.embed_tokens
     device, dtype = embed.weight.device, embed.weight.dtype
-    n_seq, seqlen = calib_ids.shape
+    seqlen = calib_ids.shape[1]
     chunk = max(1, _CHUNK_TOKENS // seqlen)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -262,25 +347,7 @@ def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, p
         layers = model.model.layers
         for i, block in enumerate(tqdm(layers, desc="gptq", unit="block", disable=not progress)):
             results: dict[str, GPTQResult] = {}
-            for names in groups:
-                hessians = _capture_hessians(block, names, x, cos, sin, chunk)
-                for name in names:
-                    linear = block.get_submodule(name)
-                    res = gptq_quantize_weight(linear.weight, hessians[name], **knobs)
-                    log.info("block %d %s: loss %.4g, output SQNR %.1f dB", i, name, res.loss, res.sqnr_db)
-                    if res.sqnr_db < _MIN_SQNR_DB:
-                        raise RuntimeError(
-                            f"GPTQ self-check: block {i} {name} output SQNR {res.sqnr_db:.1f} dB < {_MIN_SQNR_DB} dB"
-                        )
-                    # Later captures and the block output must see this layer quantized: write the dequantized
-                    # weight (what Int4WeightOnlyLinear's portable path computes) into the float layer.
-                    wq = dequantize(res.q, res.scales, res.zeros, knobs["groupsize"], res.g_idx)
-                    linear.weight.copy_(wq[:, : linear.in_features])
-                    results[name] = res
-            out = torch.empty_like(x)
-            for s in range(0, n_seq, chunk):
-                out[s : s + chunk] = block(x[s : s + chunk], cos, sin)
-            x = out
+            x = quantize_block(block, i, x, cos, sin, chunk, knobs, results)
             for name, res in results.items():
                 linear = block.get_submodule(name)
                 qlinear = Int4WeightOnlyLinear.from_quantized(

@@ -9,9 +9,10 @@ import pytest
 import torch
 from quant_helpers import calib_ids, dequantized_twin, gptq_cfg, tiny_model, token_ids
 
+from quant import gptq
 from quant.base import decoder_linears
-from quant.gptq import _Hessian, gptq_quantize_model, gptq_quantize_weight
-from quant.int4 import Int4WeightOnlyLinear, dequantize, rtn_quantize
+from quant.gptq import _SEQUENTIAL_GROUPS, _Hessian, gptq_quantize_model, gptq_quantize_weight
+from quant.int4 import Int4WeightOnlyLinear, dequantize, pack_int4, rtn_quantize
 
 
 def reference_gptq(W, H, groupsize, percdamp, act_order, static_groups, sym):
@@ -165,6 +166,55 @@ def test_model_logits_match_dequantized_twin(cfg):
         # and it stays close to the float model (4-bit, group 32)
         ref = float_model(ids)
         assert (qmodel(ids) - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def reference_driver(model, ids, cfg, chunk):
+    """The reference's sequential recipe, plainly: for each group re-run the whole `block(x, cos, sin)` with
+    hooks on the group's linears, quantize them, and finally re-run the quantized block. Returns the
+    GPTQResults by qualified name; the model keeps fake-quantized float weights."""
+    knobs = {k: cfg[k] for k in ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym")}
+    groups = _SEQUENTIAL_GROUPS if cfg["true_sequential"] else (sum(_SEQUENTIAL_GROUPS, ()),)
+    results = {}
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        cos, sin = model.rope(torch.arange(ids.shape[1])[None], x.dtype)
+        for i, block in enumerate(model.model.layers):
+            for names in groups:
+                inputs = {}
+                handles = [
+                    block.get_submodule(n).register_forward_pre_hook(
+                        lambda mod, args, n=n, inputs=inputs: inputs.__setitem__(n, args[0])
+                    )
+                    for n in names
+                ]
+                block(x, cos, sin)
+                for h in handles:
+                    h.remove()
+                for n in names:
+                    hess = _Hessian(inputs[n].shape[-1], x.device)
+                    for part in inputs[n].split(chunk):
+                        hess.add(part)
+                    linear = block.get_submodule(n)
+                    res = gptq_quantize_weight(linear.weight, hess.H, **knobs)
+                    linear.weight.copy_(
+                        dequantize(res.q, res.scales, res.zeros, cfg["groupsize"], res.g_idx)[:, : linear.in_features]
+                    )
+                    results[f"model.layers.{i}.{n}"] = res
+            x = block(x, cos, sin)
+    return results
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+@pytest.mark.parametrize("chunk", [8, 3])  # sequences per chunk: all in one; three chunks, the last one short
+def test_driver_equals_rerunning_the_block(monkeypatch, true_sequential, chunk):
+    monkeypatch.setattr(gptq, "_CHUNK_TOKENS", chunk * 32)
+    cfg = gptq_cfg(act_order=True, true_sequential=true_sequential)
+    expected = reference_driver(tiny_model(), calib_ids(), cfg, chunk)
+    qmodel = gptq_quantize_model(tiny_model(), calib_ids(), cfg, progress=False)
+    for name, res in expected.items():
+        m = qmodel.get_submodule(name)
+        assert torch.equal(m.qweight, pack_int4(res.q)), name
+        assert torch.equal(m.scales, res.scales) and torch.equal(m.zeros, res.zeros), name
 
 
 def test_same_input_gives_bit_identical_state_dict():
