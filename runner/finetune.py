@@ -1,0 +1,383 @@
+"""task=finetune: supervised finetuning (full or LoRA) in a plain PyTorch loop, on one device or sharded with FSDP2.
+
+    python -m runner task=finetune data=alpaca
+    python -m runner task=finetune data=lima task.method=lora task.optimizer.lr=2e-4
+    torchrun --nproc_per_node=2 -m runner task=finetune hydra.run.dir=outputs/ft-ddp   # gloo on CPU, NCCL on GPU
+
+Writes in the run directory (rank 0 only):
+- metrics.jsonl: per step finetune/{loss, lr, grad_norm, tokens_per_s, peak_memory_gb}; finetune/val_loss at step 0,
+  every task.eval_every steps and at the end.
+- checkpoints/step_NNNNNN/: trainable.safetensors + train_state.pt (optimizer, scheduler, per-rank RNG, data
+  position), written to a .tmp directory and renamed; only the newest is kept. Same format for any world size.
+- model/: the final native checkpoint (`checkpointer=native checkpointer.path=<run>/model`); for LoRA also
+  adapter/ (adapter_model.safetensors + adapter_config.json), and model/ only when task.lora.save_merged.
+
+Knobs (conf/task/finetune.yaml; data in conf/data/, see runner/data.py):
+- method: full | lora (lora.rank, alpha, dropout, target_modules: the usual r=8..64 trades size for capacity).
+- batch_size is the global batch in sequences per optimizer step; micro_batch_size goes through one forward on one
+  device. Gradient accumulation makes up the rest, so a run gives the same losses on 1 or N devices.
+- optimizer, scheduler: hydra `_partial_` targets (AdamW; linear warmup then cosine decay).
+- max_grad_norm (null: no clipping); bf16: auto (CUDA devices with bf16), true or false; activation_checkpointing
+  recomputes each block in backward (less activation memory for about a third more compute); compile
+  torch.compiles each block (slow first step, faster after).
+- eval_every, save_every; resume: true (this run directory's newest checkpoint, if any) or a path; stop_after:
+  end this invocation after N steps with a checkpoint (job time limits), resume continues exactly.
+A non-finite loss stops the run before the optimizer step, keeping the last good checkpoint. SIGINT or SIGTERM
+finishes the current step, writes a checkpoint and exits. LoRA dropout masks are drawn per rank, so only dropout 0
+gives world-size-independent losses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from models.checkpoint import save_native
+from models.llama import Transformer, rope_frequencies
+from models.lora import adapter_state_dict, apply_lora, merge_lora
+from runner import common, data
+
+log = logging.getLogger(__name__)
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0, as on one device
+
+
+def warmup_cosine(optimizer, max_steps: int, warmup_steps: int, min_lr_ratio: float) -> LambdaLR:
+    """Linear warmup to the optimizer's lr over warmup_steps, then cosine decay to min_lr_ratio * lr at max_steps."""
+    return LambdaLR(optimizer, functools.partial(_lr_factor, max_steps, warmup_steps, min_lr_ratio))
+
+
+def _lr_factor(max_steps: int, warmup_steps: int, min_lr_ratio: float, step: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    t = cfg.task
+    if t.method not in ("full", "lora"):
+        raise common.ConfigError(f"task.method={t.method!r} is unknown; use full or lora")
+    if cfg.quantizer.name != "none":
+        raise common.ConfigError("finetune trains float weights: use quantizer=none, then task=quantize on <run>/model")
+    if t.bf16 not in (True, False, "auto"):
+        raise common.ConfigError(f"task.bf16={t.bf16!r} is not valid; use auto, true or false")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    dev = common.device(cfg)
+    if world > 1:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    try:
+        return _train(cfg, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: DictConfig, world: int) -> dict[str, float]:
+    t = cfg.task
+    rank = dist.get_rank() if world > 1 else 0
+    if t.batch_size % (world * t.micro_batch_size):
+        raise common.ConfigError(
+            f"task.batch_size={t.batch_size} must divide by micro_batch_size={t.micro_batch_size} x {world} devices"
+        )
+    per_rank, mb = t.batch_size // world, t.micro_batch_size
+    # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
+    out = Path(_broadcast(str(common.run_dir()), world))
+
+    model, tok = common.load_model(cfg, apply_quantizer=False)
+    dev = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)  # LoRA init and dropout do not depend on how the weights were loaded
+    if t.method == "lora":
+        try:
+            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
+        except ValueError as e:
+            raise common.ConfigError(f"task.lora: {e}") from e
+    model.train()
+    train, val = data.load_examples(cfg, tok)
+    for layer in model.model.layers:
+        if t.activation_checkpointing:
+            # Patching the instance's forward keeps state-dict keys and leaves FSDP's hooks outside the recompute.
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        if t.compile:
+            layer.compile()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(dev.type, (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # _convert_=all: plain lists in param_groups, so the optimizer state saves and loads with weights_only=True.
+    optimizer = instantiate(t.optimizer, _convert_="all")(params)
+    scheduler = instantiate(t.scheduler)(optimizer, max_steps=t.max_steps)
+    amp = t.bf16 is True or (t.bf16 == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    step, position = 0, 0
+    resume = _resume_dir(t.resume, out)
+    if resume is not None:
+        step, position = _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
+        log.info("resumed from %s at step %d", resume, step)
+    end = t.max_steps if t.stop_after is None else min(t.max_steps, step + t.stop_after)
+    sampler = data.Sampler(len(train), cfg.seed)
+    evaluate = functools.partial(_val_loss, model, val, mb, tok.pad_id, dev, amp, rank, world)
+    log_rank0 = common.log_metrics if rank == 0 else lambda metrics, step: None
+    val_loss = None
+    if step == 0:
+        val_loss = evaluate()
+        log_rank0({"finetune/val_loss": val_loss}, 0)
+
+    interrupt = _Interrupt()
+    loss, tokens_seen, train_time, saved = math.nan, 0, 0.0, None
+    bar = tqdm(total=t.max_steps, initial=step, desc="finetune", disable=rank != 0)
+    with interrupt:
+        while step < end:
+            t0 = time.perf_counter()
+            idx = sampler.take(position + rank * per_rank, per_rank)
+            batches = [data.collate([train[i] for i in idx[j : j + mb]], tok.pad_id) for j in range(0, per_rank, mb)]
+            counts = torch.tensor([sum((y != data.IGNORE_INDEX).sum().item() for _, y in batches), 0.0])
+            counts[1] = sum(len(train[i][0]) - 1 for i in idx)  # real (unpadded) input tokens
+            n_targets, n_tokens = _all_sum(counts, world).tolist()
+            loss_sum = torch.zeros((), device=dev)
+            for j, (x, y) in enumerate(batches):
+                x, y = x.to(dev), y.to(dev)
+                if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
+                    model.set_requires_gradient_sync(j == len(batches) - 1)
+                with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+                    logits = model(x)  # [B, T, V]
+                nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+                # Normalise by the global target count; x world because FSDP averages gradients over ranks.
+                (nll * world / n_targets).backward()
+                loss_sum += nll.detach()
+            flag = torch.tensor(float(interrupt.signal is not None))
+            reduced = _all_sum(torch.stack([loss_sum.cpu(), flag]), world)
+            loss = reduced[0].item() / n_targets
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"finetune: loss is {loss} at step {step + 1}; stopped before the optimizer step. Last good "
+                    f"checkpoint: {saved or resume or 'none'}; lower task.optimizer.lr or set task.max_grad_norm"
+                )
+            grad_norm = _clip_grads(params, t.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, position = step + 1, position + t.batch_size
+            dt = time.perf_counter() - t0
+            tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
+            metrics = {
+                "finetune/loss": loss,
+                "finetune/lr": lr,
+                "finetune/grad_norm": grad_norm,
+                "finetune/tokens_per_s": n_tokens / dt,
+                "finetune/peak_memory_gb": _peak_memory_gb(dev),
+            }
+            if step == end or (t.eval_every is not None and step % t.eval_every == 0):
+                metrics["finetune/val_loss"] = val_loss = evaluate()
+            log_rank0(metrics, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{n_tokens / dt:.0f}")
+            stopping = reduced[1].item() > 0
+            if stopping or step == end or (t.save_every is not None and step % t.save_every == 0):
+                saved = _save_checkpoint(out, step, position, model, optimizer, scheduler, rank, world)
+            if stopping:
+                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint {saved} (continue: task.resume={saved})")
+    bar.close()
+
+    if val_loss is None:  # resumed with no steps left
+        val_loss = evaluate()
+    if step == t.max_steps:
+        _export(cfg, out, model, tok, rank)
+    return {
+        "finetune/final_loss": loss,
+        "finetune/val_loss": val_loss,
+        "finetune/tokens_per_s": tokens_seen / train_time if train_time else math.nan,
+        "finetune/steps": float(step),
+    }
+
+
+@torch.no_grad()
+def _val_loss(model, val, mb, pad_id, dev, amp, rank, world) -> float:
+    """Mean next-token loss over the whole validation split (dropout off)."""
+    model.eval()
+    batches = [val[i : i + mb] for i in range(0, len(val), mb)]
+    total = torch.zeros(2, dtype=torch.float64)  # [summed nll, targets]
+    # Every rank runs the same number of forwards (FSDP gathers weights collectively); padding slots are not counted.
+    for i in range(rank, -(-len(batches) // world) * world, world):
+        x, y = data.collate(batches[i % len(batches)], pad_id)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+            logits = model(x.to(dev))
+        if i < len(batches):
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.to(dev).flatten(), reduction="sum")
+            total += torch.tensor([nll.item(), (y != data.IGNORE_INDEX).sum().item()], dtype=torch.float64)
+    model.train()
+    total = _all_sum(total, world)
+    return (total[0] / total[1]).item()
+
+
+def _clip_grads(params, max_norm: float | None) -> float:
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):  # FSDP2: per-shard norms -> the global norm
+        norm = norm.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+def _save_checkpoint(out: Path, step, position, model, optimizer, scheduler, rank, world) -> Path:
+    """Gather the training state to rank 0 and write it atomically; returns the checkpoint directory."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=FULL)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng)
+    final = out / "checkpoints" / f"step_{step:06d}"
+    if rank == 0:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+        state = {"step": step, "position": position, "world_size": world, "optimizer": optim, "rng": rngs}
+        torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
+        os.replace(tmp, final)  # a rename: resume never sees a half-written checkpoint
+        for old in final.parent.iterdir():
+            if old != final:
+                shutil.rmtree(old)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def _resume_dir(resume, out: Path) -> Path | None:
+    if resume is False:
+        return None
+    root = out if resume is True else Path(resume).expanduser()
+    if (root / "train_state.pt").is_file():
+        return root
+    found = [p for p in (root / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
+    if not found:
+        if resume is True:
+            log.info("task.resume=true: no checkpoint in %s yet, starting from step 0", root)
+            return None
+        raise common.ConfigError(f"task.resume={resume}: no train_state.pt there or under its checkpoints/")
+    return max(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tuple[int, int]:
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)  # tensors and plain containers only
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise common.ConfigError(f"{ckpt}: its trainable tensors differ from this run's (task.method or task.lora)")
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    if state["world_size"] == world:
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        log.warning("resuming on %d ranks from %d: random streams (dropout) restart", world, state["world_size"])
+    return state["step"], state["position"]
+
+
+def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
+    """Write the final model as a plain (unsharded) native checkpoint, merging LoRA; for LoRA also the adapter."""
+    sd = get_model_state_dict(model, options=FULL)
+    if rank != 0:
+        return
+    t = cfg.task
+    with torch.device("meta"):
+        final = Transformer(model.args)
+    if t.method == "lora":
+        apply_lora(final, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
+    final.load_state_dict(sd, assign=True)
+    final.inv_freq = rope_frequencies(model.args)
+    if t.method == "lora":
+        (out / "adapter").mkdir(exist_ok=True)
+        save_file(adapter_state_dict(final), str(out / "adapter" / "adapter_model.safetensors"))
+        adapter_cfg = OmegaConf.to_container(t.lora, resolve=True)
+        adapter_cfg["base_model"] = {"checkpointer": cfg.checkpointer.name, "path": cfg.checkpointer.path}
+        adapter_cfg["base_model"]["source"] = cfg.model.source
+        (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        if not t.lora.save_merged:
+            return
+        merge_lora(final)
+    save_native(out / "model", final, tok, None, common.resolved_yaml(cfg))
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM set a flag the loop acts on after the current step; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal = None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signal = signum
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _broadcast(obj, world: int):
+    box = [obj]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (NCCL only reduces CUDA tensors)."""
+    if world == 1:
+        return x
+    y = x.to("cuda" if dist.get_backend() == "nccl" else "cpu", copy=True)
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def _peak_memory_gb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
