@@ -1,0 +1,244 @@
+"""`LMEvalModel`: EleutherAI lm-eval's model interface over this project's `Transformer` and `Tokenizer`.
+
+No Hugging Face model or hub access is involved: it scores with our model directly, float or quantized.
+It subclasses lm-eval's `TemplateLM` (an `lm_eval.api.model.LM`) to reuse lm-eval's own request tokenization,
+the code its HF backend (`HFLM`) runs as well, so both split a request into the same tokens:
+- the context's trailing spaces move to the continuation; then `whole = encode(context + continuation)` and
+  `encode(context)`, and the continuation is `whole[len(context tokens):]`;
+- an empty context becomes the prefix token (BOS, else EOS).
+
+`loglikelihood` scores as HFLM does: the model reads `(context + continuation)[-(max_length + 1):][:-1]` and each
+continuation token is scored by the logits one position before it. What differs is the work done for it:
+- Requests with the same (truncated) context, such as the choices of one multiple-choice question, share one row:
+  the context once, then each continuation minus its last token, with positions restarting after the context and
+  a block mask so each continuation sees only the context and itself. The context's last position scores the first
+  token of every continuation. A 4-choice question computes its context once instead of 4 times.
+- The output head and log-softmax run only at scored positions, in chunks (fp32), never over [B, T, vocab].
+- Rows are sorted longest first, so batches pad little and an out-of-memory error comes at once.
+`loglikelihood_rolling` cuts each text into lm-eval's disjoint windows of `max_length` tokens (each token scored
+once, with as much context as fits) and scores one window per row. `generate_until` runs the generate stage's
+sampler (runner.generate.generate) in batches, honouring `until`, `max_gen_toks` and the sampling arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from models.llama import Transformer
+from models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Output-head positions per chunk: bounds the fp32 [positions, vocab] logits to about 128 MiB at any vocabulary size.
+_HEAD_CHUNK_ELEMENTS = 2**25
+
+
+class LMEvalModel(TemplateLM):
+    """lm-eval model over `model` and `tokenizer`. `batch_size` counts rows: a row holds one context and all the
+    continuations that share it (or one rolling window, or one prompt to generate from). `max_length` None is the
+    model's max_position_embeddings, as HFLM takes it from config.json. `info` lands in lm-eval's results config."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        max_length: int | None,
+        max_gen_toks: int,
+        seed: int,
+        info: dict | None = None,
+    ):
+        super().__init__()
+        self.model, self.tok = model, tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length or model.args.max_position_embeddings
+        self.max_gen_toks = max_gen_toks
+        self.seed = seed
+        self.info = info or {}
+        self._device = model.inv_freq.device
+        self._bos_text = tokenizer.token(tokenizer.bos_id)
+
+    # --- tokenization (the interface TemplateLM builds requests with) ------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        # HFLM's rule: None is the tokenizer's own default (BOS or not), except for a text already starting with
+        # BOS; False never adds BOS; True adds it when the tokenizer does.
+        bos = self.tok.add_bos and add_special_tokens is not False
+        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
+            bos = False
+        return self.tok.encode(string, bos=bos)
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tok.decode(tokens)
+
+    def get_model_info(self) -> dict:
+        return self.info
+
+    # --- scoring ----------------------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: [((context, continuation), context tokens, continuation tokens)] -> [(logprob, is_greedy)]."""
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        return self._score(pairs, pack=True, desc="loglikelihood", disable=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for r, req in enumerate(requests):
+            (text,) = req.args
+            tokens = self.tok_encode(text)
+            for w in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1):
+                windows.append(make_disjoint_window(w))
+                owner.append(r)
+        totals = [0.0] * len(requests)
+        # Windows rarely share a context and are long: packing them would only trade the causal kernel for a mask.
+        scores = self._score(windows, pack=False, desc="rolling", disable=disable_tqdm)
+        for r, (logprob, _) in zip(owner, scores, strict=True):
+            totals[r] += logprob
+        return totals
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]], pack: bool, desc: str, disable: bool):
+        L = self.max_length
+        groups: dict[tuple[int, ...], list[int]] = {}
+        rows: list[tuple[tuple[int, ...], list[int]]] = []  # (context tokens, indices of the continuations)
+        for i, (ctx, cont) in enumerate(pairs):
+            if not 0 < len(cont) <= L:
+                raise ValueError(f"a continuation of {len(cont)} tokens cannot be scored with max_length={L}")
+            whole = (ctx + cont)[-(L + 1) :]
+            key = tuple(whole[: len(whole) - len(cont)])
+            if pack:
+                groups.setdefault(key, []).append(i)
+            else:
+                rows.append((key, [i]))
+        for key, idxs in groups.items():  # split a group whose packed row would outgrow max_length
+            row, n = [], len(key)
+            for i in idxs:
+                if row and n + len(pairs[i][1]) - 1 > L:
+                    rows.append((key, row))
+                    row, n = [], len(key)
+                row.append(i)
+                n += len(pairs[i][1]) - 1
+            rows.append((key, row))
+
+        def length(row) -> int:
+            return len(row[0]) + sum(len(pairs[i][1]) - 1 for i in row[1])
+
+        rows.sort(key=lambda row: -length(row))
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        with tqdm(total=len(pairs), desc=desc, disable=disable) as bar:
+            for s in range(0, len(rows), self.batch_size):
+                batch = rows[s : s + self.batch_size]
+                for i, result in self._score_rows(batch, pairs, max(length(r) for r in batch)):
+                    out[i] = result
+                bar.update(sum(len(r[1]) for r in batch))
+        return out
+
+    @torch.no_grad()
+    def _score_rows(self, rows, pairs, T: int):
+        """Yield (request index, (logprob, is_greedy)) for the requests packed in `rows` (padded to T tokens)."""
+        B = len(rows)
+        ids = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        seg = torch.full((B, T), -1, dtype=torch.long)  # 0 = context, k = k-th continuation, -1 = padding
+        q_row, q_col, target, spans = [], [], [], []
+        for b, (ctx, idxs) in enumerate(rows):
+            c = len(ctx)
+            ids[b, :c], pos[b, :c], seg[b, :c] = torch.tensor(ctx), torch.arange(c), 0
+            off = c
+            for k, i in enumerate(idxs, 1):
+                cont = pairs[i][1]
+                n = len(cont) - 1  # the last continuation token is only predicted, never read
+                ids[b, off : off + n] = torch.tensor(cont[:-1], dtype=torch.long)
+                pos[b, off : off + n] = torch.arange(c, c + n)
+                seg[b, off : off + n] = k
+                spans.append((i, len(target), len(target) + n + 1))
+                q_row += [b] * (n + 1)
+                q_col += [c - 1, *range(off, off + n)]
+                target += cont
+                off += n
+        mask = None
+        if any(len(idxs) > 1 for _, idxs in rows):
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # [B, T(query), T(key)]
+            # Every row sees itself (a padded query with nothing visible would make SDPA return NaN).
+            mask = ((causal & visible) | torch.eye(T, dtype=torch.bool))[:, None].to(self._device)  # [B, 1, T, T]
+
+        m = self.model
+        x = m.model.embed_tokens(ids.to(self._device))  # [B, T, C]
+        cos, sin = m.rope(pos.to(self._device), x.dtype)
+        for layer in m.model.layers:
+            x = layer(x, cos, sin, mask)
+        q_row = torch.tensor(q_row, device=self._device)
+        q_col = torch.tensor(q_col, device=self._device)
+        target = torch.tensor(target, device=self._device)
+        logprob = torch.empty(len(target), dtype=torch.float32, device=self._device)
+        greedy = torch.empty(len(target), dtype=torch.bool, device=self._device)
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // m.args.vocab_size)
+        for s in range(0, len(target), chunk):
+            e = s + chunk
+            logits = m.output(x[q_row[s:e], q_col[s:e]]).float()  # [n, V]
+            t = target[s:e, None]
+            logprob[s:e] = (logits.gather(-1, t) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+            greedy[s:e] = logits.argmax(-1) == t.squeeze(-1)
+        logprob, greedy = logprob.cpu().double(), greedy.cpu()
+        for i, s, e in spans:
+            yield i, (float(logprob[s:e].sum()), bool(greedy[s:e].all()))
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from runner.generate import generate
+
+        groups: dict[str, list[int]] = {}  # requests with equal generation arguments run in the same batches
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        generator = torch.Generator(device=self._device).manual_seed(self.seed)
+        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
+            for idxs in groups.values():
+                kw = dict(requests[idxs[0]].args[1])
+                until = kw.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_gen = kw.pop("max_gen_toks", self.max_gen_toks)
+                # Greedy unless sampling is asked for with a positive temperature (HF generate's reading).
+                do_sample, temperature = kw.pop("do_sample", False), kw.pop("temperature", 0.0)
+                temperature = float(temperature) if do_sample else 0.0
+                top_k, top_p = kw.pop("top_k", None), kw.pop("top_p", 1.0)
+                if kw:
+                    log.warning("generate_until ignores generation arguments %s", sorted(kw))
+                # As HFLM: keep the last max_length - max_gen_toks prompt tokens so the completion fits.
+                keep = self.max_length - max_gen
+                if keep < 1:
+                    raise ValueError(
+                        f"max_gen_toks={max_gen} leaves no room for a prompt in max_length={self.max_length}"
+                    )
+                prompts = {i: self.tok_encode(requests[i].args[0])[-keep:] or [self.prefix_token_id] for i in idxs}
+                order = sorted(idxs, key=lambda i: -len(prompts[i]))
+                for s in range(0, len(order), self.batch_size):
+                    chunk = order[s : s + self.batch_size]
+                    results = generate(
+                        self.model,
+                        self.tok,
+                        [prompts[i] for i in chunk],
+                        max_new_tokens=max_gen,
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        stop_ids=self.tok.stop_ids,
+                        stop_strings=until,
+                        generator=generator if temperature > 0 else None,
+                    )
+                    for i, r in zip(chunk, results, strict=True):
+                        out[i] = r["text"]
+                    bar.update(len(chunk))
+        return out
