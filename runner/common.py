@@ -180,9 +180,12 @@ def checkpoint_path(cfg: DictConfig) -> Path | None:
         return Path(cfg.checkpointer.path).expanduser()
     if cfg.model.source is None:
         return None
-    from models.sources import resolve_source
+    from models.sources import SourceError, resolve_source
 
-    return resolve_source(cfg.model.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
+    try:
+        return resolve_source(cfg.model.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
+    except SourceError as e:
+        raise ConfigError(str(e)) from e
 
 
 def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transformer, Tokenizer]:
