@@ -44,11 +44,11 @@ MD_METRICS = 8
 def find_runs(paths: list[Path]) -> list[Path]:
     """The run directories at or below each path, in path order, job numbers in numeric order."""
     runs: list[Path] = []
-    for p in paths:
+    for p in (Path(p).resolve() for p in paths):
         if _is_run(p):
             found = [p]
         else:
-            marks = [f.parent for f in p.rglob("status.json")] + [f.parent.parent for f in p.rglob(".hydra")]
+            marks = [f.parent for f in p.rglob("status.json")] + [f.parent for f in p.rglob(".hydra")]
             found = sorted({d for d in marks if _is_run(d)}, key=_natural_key)
         runs += [d for d in found if d not in runs]
     return runs
@@ -148,7 +148,7 @@ def _relative(d: Path, root: Path) -> str:
 
 
 def _common_root(dirs: list[Path]) -> Path:
-    parts = [d.resolve().parts for d in dirs]
+    parts = [d.parts for d in dirs]
     n = 0
     while all(len(p) > n and p[n] == parts[0][n] for p in parts):
         n += 1
@@ -178,6 +178,12 @@ def to_markdown(runs: list[dict], rows: list[dict]) -> str:
 def _md_cell(v) -> str:
     if v is None:
         return ""
+    if isinstance(v, str) and "." in v:
+        # Sampled override values (Optuna: percdamp=0.011205837185064167) read better short; the CSV keeps them.
+        try:
+            v = float(v)
+        except ValueError:
+            pass
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v).replace("|", "\\|").replace("\n", " ")
@@ -219,15 +225,16 @@ def plot(runs: list[dict], root: Path, path: Path) -> None:
 
 
 def _line_panel(ax, runs: list[dict], param: str, others: list[str], metric: str) -> None:
-    values = _sorted_values({r["overrides"].get(param) for r in runs})
+    values = sorted({r["overrides"].get(param) for r in runs}, key=_value_key)
     x = {v: i for i, v in enumerate(values)}
 
     def combo(r):
-        return tuple(str(r["overrides"].get(k)) for k in others)
+        return tuple(_value_key(r["overrides"].get(k)) for k in others)
 
-    for c, group in groupby(sorted(runs, key=combo), key=combo):
+    for _, group in groupby(sorted(runs, key=combo), key=combo):
+        group = list(group)
         pts = sorted((x[r["overrides"].get(param)], headline_value(r)) for r in group)
-        label = ", ".join(f"{k}={v}" for k, v in zip(others, c, strict=True)) or None
+        label = ", ".join(f"{k}={group[0]['overrides'].get(k)}" for k in others) or None
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set_xlabel(param)
@@ -236,24 +243,27 @@ def _line_panel(ax, runs: list[dict], param: str, others: list[str], metric: str
         ax.legend(fontsize="x-small")
 
 
-def _sorted_values(values: set) -> list:
-    """Numeric values in numeric order (categorical axis: evenly spaced, e.g. 32 64 128), others as strings."""
+def _value_key(v: str | None) -> tuple:
+    """Numbers in numeric order (32 < 64 < 128), before other strings in string order, before a missing value."""
+    if v is None:
+        return (2, 0.0, "")
     try:
-        return sorted(values, key=float)
-    except (TypeError, ValueError):
-        return sorted(values, key=str)
+        return (0, float(v), v)
+    except ValueError:
+        return (1, 0.0, v)
 
 
 # --- entry points ------------------------------------------------------------------------------------------------
 def summarize(paths: list[Path], out: Path) -> list[dict]:
     """Write summary.csv, summary.md and summary.png into `out` for the runs at or below `paths`; return the runs
     (sorted as in the table). Raises FileNotFoundError when there is no run directory."""
-    dirs = find_runs([Path(p) for p in paths])
+    dirs = find_runs(paths)
     if not dirs:
-        raise FileNotFoundError(f"no run directory (status.json or .hydra/overrides.yaml) in {' '.join(map(str, paths))}")
+        raise FileNotFoundError(
+            f"no run directory (status.json or .hydra/overrides.yaml) in {' '.join(map(str, paths))}"
+        )
     runs = sort_runs([load_run(d) for d in dirs])
-    root = _common_root(dirs) if len(dirs) > 1 else dirs[0].resolve().parent
-    runs = [{**r, "dir": r["dir"].resolve()} for r in runs]
+    root = _common_root(dirs) if len(dirs) > 1 else dirs[0].parent
     columns, rows = table(runs, root)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "summary.csv", "w", newline="") as f:

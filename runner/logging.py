@@ -1,18 +1,34 @@
 """Metric loggers: `NoOpLogger` (logger=none) and `WandbLogger` (logger=wandb), one interface.
 
 Stage code never branches on which is active: it calls `runner.common.log_metrics`, which writes
-`metrics.jsonl` and forwards to the logger built here.
+`metrics.jsonl` and forwards to the logger built here; `runner.common.run_stage` sends the final metrics as the
+summary and finishes the run in `finally`, so a failed job still closes its W&B run (with exit code 1).
+
+    python -m runner task=quantize logger=wandb                    # offline unless an API key is configured
+    python -m runner -m task=quantize quantizer=int4_wo,int8_wo logger=wandb logger.project=quant
+    wandb sync outputs/multirun/<stamp>/*/wandb/offline-run-*      # upload offline runs later
+
+Knobs (conf/logger/wandb.yaml): `project`, `entity`, `group` (null: the sweep directory's name in a multirun),
+`mode` (null: online when an API key is configured and the server answers, else offline; $WANDB_MODE sets it too),
+`tags`, `init_timeout` (seconds wandb.init may wait on the server in online mode).
 """
 
 from __future__ import annotations
 
 import logging
+import netrc
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+# An unreachable server is usually an unresolvable name or a refused connection, both immediate; a few seconds
+# covers a slow handshake without stalling a job on a network that is not there.
+_PROBE_TIMEOUT_S = 3.0
 
 
 class NoOpLogger:
@@ -27,30 +43,26 @@ class NoOpLogger:
 
 
 class WandbLogger:
-    """One W&B run per job. Offline unless an API key is configured: it never waits on a network."""
+    """One W&B run per job: grouped by sweep, job_type = task, the resolved config as the run config."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, group: str | None, job_name: str):
         import wandb
 
         lc = cfg.logger
-        mode = lc.mode
-        if mode is None:
-            mode = "online" if (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()) else "offline"
-        self.mode = mode
+        self.mode = lc.mode if lc.mode is not None else _auto_mode(wandb.setup().settings)
         self.run = wandb.init(
             project=lc.project,
             entity=lc.entity,
-            group=lc.group or group,
+            group=lc.group if lc.group is not None else group,
             job_type=cfg.task.name,
             name=job_name,
             dir=str(run_dir),
-            mode=mode,
+            mode=self.mode,
             tags=list(lc.tags),
             config=OmegaConf.to_container(cfg, resolve=True),
-            settings=wandb.Settings(init_timeout=30, silent=True),
+            # silent: wandb's own banner lines would interleave with the stage's output in every job of a sweep.
+            settings=wandb.Settings(init_timeout=lc.init_timeout, silent=True),
         )
-        if mode == "offline":
-            log.info("wandb is offline; upload later with: wandb sync %s", Path(self.run.dir).parent)
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
@@ -59,12 +71,37 @@ class WandbLogger:
         self.run.summary.update(metrics)
 
     def finish(self, failed: bool = False) -> None:
+        # The offline folder is complete only after finish(); the sync hint comes after it.
+        offline_dir = Path(self.run.dir).parent if self.mode == "offline" else None
         self.run.finish(exit_code=1 if failed else 0)
+        if offline_dir is not None:
+            log.info("wandb run saved offline; upload it with: wandb sync %s", offline_dir)
 
 
-def _netrc_has_wandb() -> bool:
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+def _auto_mode(settings) -> str:
+    """online when an API key is configured and the server accepts a TCP connection, else offline."""
+    host = urlparse(settings.base_url).hostname
+    if not (settings.api_key or _netrc_has(host)):
+        return "offline"
+    port = urlparse(settings.base_url).port or 443
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        log.warning("wandb: %s:%s is unreachable (%s); logging offline instead", host, port, e)
+        return "offline"
+    return "online"
+
+
+def _netrc_has(host: str) -> bool:
+    # Where `wandb login` stores the key: $NETRC, else ~/.netrc.
+    path = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    if not path.is_file():
+        return False
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except netrc.NetrcParseError as e:
+        log.warning("wandb: cannot parse %s (%s); treating it as holding no API key", path, e)
+        return False
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, group: str | None, job_name: str):
