@@ -43,7 +43,7 @@ class NoOpLogger:
 
 
 class WandbLogger:
-    """One W&B run per job: grouped by sweep, job_type = task, the resolved config as the run config."""
+    """One W&B run per job (rank 0 under torchrun): grouped by sweep, job_type = task, the resolved config as config."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, group: str | None, job_name: str):
         import wandb
@@ -105,6 +105,7 @@ def _netrc_has(host: str) -> bool:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, group: str | None, job_name: str):
-    if cfg.logger.name == "wandb":
+    # Under torchrun every rank runs the job; only rank 0 (RANK, set by torchrun) owns its one W&B run.
+    if cfg.logger.name == "wandb" and os.environ.get("RANK", "0") == "0":
         return WandbLogger(cfg, run_dir, group, job_name)
     return NoOpLogger()

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 from runner import common
-from runner.logging import _auto_mode, _netrc_has
+from runner.logging import NoOpLogger, _auto_mode, _netrc_has, build_logger
 
 
 def _records(run_file: Path) -> list:
@@ -97,6 +97,12 @@ def test_a_netrc_entry_for_the_host_is_an_api_key(tmp_path, monkeypatch):
     assert _netrc_has("api.example.org") and not _netrc_has("other.example.org")
     netrc.write_text("machine\n")  # unparsable: no key, and no crash
     assert not _netrc_has("api.example.org")
+
+
+def test_only_rank_0_of_a_torchrun_job_logs(compose, tmp_path, monkeypatch):
+    cfg = compose(["task=generate", "debug=smoke", "logger=wandb", "logger.mode=offline"])
+    monkeypatch.setenv("RANK", "1")
+    assert isinstance(build_logger(cfg, tmp_path, None, "job"), NoOpLogger)
 
 
 # --- one offline run per job, finished even on failure -------------------------------------------------------------
