@@ -37,6 +37,7 @@ A new quantizer adds its name and knobs to `PARAMS` and one function to each of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -45,6 +46,10 @@ from torch import nn
 from quant.gptq import gptq_quantize_model
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
+
+# Round-to-nearest of Gaussian-like weights gives ~20 dB at 4 bits, group 128 (step ~ range/15, noise step^2/12)
+# and ~40 dB at int8 per row; under 10 dB means broken scales (NaN/inf weights, a bug), not a hard layer.
+MIN_WEIGHT_SQNR_DB = 10.0
 
 PARAMS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -80,7 +85,22 @@ def describe(qcfg: Mapping) -> dict:
         not isinstance(record["groupsize"], int) or record["groupsize"] <= 0 or record["groupsize"] % 2
     ):
         raise ValueError(f"quantizer.groupsize={record['groupsize']!r} must be a positive even integer")
+    for key in ("blocksize", "nsamples", "seqlen"):
+        if key in record and (not isinstance(record[key], int) or record[key] <= 0):
+            raise ValueError(f"quantizer.{key}={record[key]!r} must be a positive integer")
+    if "percdamp" in record and not record["percdamp"] >= 0:
+        raise ValueError(f"quantizer.percdamp={record['percdamp']!r} must be >= 0 (the reference uses 0.01)")
     return record
+
+
+def check_weight_sqnr(name: str, w: torch.Tensor, wq: torch.Tensor) -> float:
+    """Weight-space SQNR of a quantize-dequantize round trip in dB; raises below MIN_WEIGHT_SQNR_DB."""
+    w = w.detach().float()
+    noise = (w - wq.float()).square().sum()
+    sqnr = math.inf if noise == 0 else (10 * torch.log10(w.square().sum() / noise)).item()
+    if not sqnr >= MIN_WEIGHT_SQNR_DB:  # also catches NaN
+        raise RuntimeError(f"quantization self-check: {name} weight SQNR {sqnr:.1f} dB < {MIN_WEIGHT_SQNR_DB} dB")
+    return sqnr
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -102,7 +122,9 @@ def _quantize_int8_wo(model: nn.Module, spec: dict, calib: torch.Tensor | None) 
 
 def _quantize_int4_wo(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:
     for name, linear in decoder_linears(model).items():
-        model.set_submodule(name, Int4WeightOnlyLinear.from_linear(linear, spec["groupsize"], spec["sym"]))
+        qlinear = Int4WeightOnlyLinear.from_linear(linear, spec["groupsize"], spec["sym"])
+        check_weight_sqnr(name, linear.weight, qlinear.dequantize())
+        model.set_submodule(name, qlinear)
 
 
 def _quantize_gptq(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:

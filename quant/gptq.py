@@ -167,10 +167,8 @@ def gptq_quantize_weight(
     E = W0 - dequantize(Q, scales, zeros, g, g_idx)[:, :K]  # [N, K]
     signal = ((W0 @ H0) * W0).sum()
     noise = ((E @ H0) * E).sum()
-    if noise > 0:
-        sqnr_db = 10 * math.log10(signal.item() / noise.item()) if signal > 0 else -math.inf
-    else:
-        sqnr_db = math.inf
+    # exact reconstruction is +inf; NaN anywhere stays NaN, so the self-check catches it
+    sqnr_db = math.inf if noise == 0 else (10 * torch.log10(signal / noise)).item()
     return GPTQResult(
         q=Q.to(torch.uint8),
         scales=scales.float(),
@@ -265,7 +263,7 @@ def _quantize_group(block: nn.Module, index: int, names, hessians, knobs: dict, 
         linear = block.get_submodule(name)
         res = gptq_quantize_weight(linear.weight, hessians[name], **knobs)
         log.info("block %d %s: loss %.4g, output SQNR %.1f dB", index, name, res.loss, res.sqnr_db)
-        if res.sqnr_db < _MIN_SQNR_DB:
+        if not res.sqnr_db >= _MIN_SQNR_DB:  # also catches NaN
             raise RuntimeError(
                 f"GPTQ self-check: block {index} {name} output SQNR {res.sqnr_db:.1f} dB < {_MIN_SQNR_DB} dB"
             )

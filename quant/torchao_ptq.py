@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, PerRow, quantize_
 
+from quant.base import check_weight_sqnr
 from quant.int8 import Int8WeightOnlyLinear
 
 
@@ -26,11 +27,16 @@ def int8_wo_config() -> Int8WeightOnlyConfig:
 
 
 def quantize_int8_wo(model: nn.Module, linears: dict[str, nn.Linear]) -> None:
-    """Replace each `linears[name]` (fully qualified names in `model`) with an Int8WeightOnlyLinear, in place."""
-    targets = set(linears.values())
-    quantize_(model, int8_wo_config(), filter_fn=lambda module, fqn: module in targets)
+    """Replace each `linears[name]` (fully qualified names in `model`) with an Int8WeightOnlyLinear, in place.
+
+    One `quantize_` call per linear, so the float weight is still at hand for the SQNR self-check without
+    holding a float copy of the whole model."""
     for name, linear in linears.items():
-        w = linear.weight  # torchao Int8Tensor: qdata int8 [N, K], scale fp32 [N, 1], zero_point zeros
-        if w.zero_point is not None and bool(w.zero_point.any()):
+        w = linear.weight.detach()
+        quantize_(linear, int8_wo_config())  # linear.weight becomes a torchao Int8Tensor
+        qw = linear.weight  # qdata int8 [N, K], scale fp32 [N, 1], zero_point zeros
+        if qw.zero_point is not None and bool(qw.zero_point.any()):
             raise RuntimeError(f"torchao int8 weight of {name} is asymmetric; Int8WeightOnlyLinear is symmetric")
-        model.set_submodule(name, Int8WeightOnlyLinear.from_quantized(w.qdata, w.scale, linear.bias))
+        qlinear = Int8WeightOnlyLinear.from_quantized(qw.qdata, qw.scale, linear.bias)
+        check_weight_sqnr(name, w, qlinear.dequantize())
+        model.set_submodule(name, qlinear)

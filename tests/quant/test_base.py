@@ -38,11 +38,23 @@ def test_describe_records_exactly_the_knobs():
         ({"name": "int4_wo", "groupsize": 32}, r"missing \['sym'\]"),
         ({"name": "int4_wo", "groupsize": 32, "sym": False, "blocksize": 128}, r"unknown \['blocksize'\]"),
         ({"name": "int4_wo", "groupsize": 33, "sym": False}, "positive even"),
+        (gptq_cfg(blocksize=0), "blocksize"),
+        (gptq_cfg(percdamp=-0.1), "percdamp"),
     ],
 )
 def test_describe_rejects_bad_configs(qcfg, message):
     with pytest.raises(ValueError, match=message):
         describe(qcfg)
+
+
+@pytest.mark.parametrize("name", ["int4_wo", "int8_wo", "gptq"])
+def test_self_check_stops_broken_weights(name):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    qcfg = gptq_cfg() if name == "gptq" else QCFGS[name]
+    with pytest.raises(RuntimeError, match="self-check"):
+        quantize_model(model, qcfg, calib_ids())
 
 
 def test_gptq_needs_calibration():
