@@ -20,7 +20,10 @@ with zeros at run time, so no layer is ever left in float.
 
 forward picks a kernel (see `Int4WeightOnlyLinear.forward`): aten's CPU int4 kernel for bf16 on CPU, tinygemm for
 bf16 on CUDA, otherwise a portable dequantize + F.linear. The kernels' packed layouts are derived lazily from
-`qweight` and cached in the module (not in the state dict), so a checkpoint is device-independent.
+`qweight` and cached in the module (not in the state dict), so a checkpoint is device-independent; the cache is
+a second copy of the packed weight (N * Kp / 2 bytes), dropped on `.to()` and on `load_state_dict`.
+Measured on torch 2.13 CPU (1536x576, group 64): the bf16 kernel takes 0.10 ms at M=1 and 18 ms at M=512,
+against 0.14 ms and 62 ms for a dense bf16 F.linear.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 MAXQ = 15  # uint4
-# Group sizes accepted by both aten int4 kernels (CPU `_weight_int4pack_mm_for_cpu`, CUDA tinygemm); others run
-# the portable path. Measured on torch 2.13: both reject 16, accept 32..256.
+# Group sizes accepted by both aten int4 kernels (CPU `_weight_int4pack_mm_for_cpu`, measured on torch 2.13; CUDA
+# tinygemm, per its argument check); others run the portable path.
 KERNEL_GROUPSIZES = (32, 64, 128, 256)
 
 
