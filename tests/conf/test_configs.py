@@ -28,8 +28,12 @@ def _targets(node):
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(compose, group, option):
-    task = option if group == "task" else "generate"
-    overrides = [f"task={task}"] if group == "task" else [f"task={task}", f"{group}={option}"]
+    if group == "experiment":  # an experiment picks its own task; smoke keeps it tiny
+        overrides = [f"experiment={option}", "debug=smoke"]
+    elif group == "task":
+        overrides = [f"task={option}"]
+    else:
+        overrides = ["task=generate", f"{group}={option}"]
     cfg = compose(overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if resolved["model"]["args"] is not None:
