@@ -77,7 +77,7 @@ def test_callback_writes_the_summary_and_exits_1_when_a_job_failed(tmp_path):
 @pytest.mark.parametrize("search", SEARCHES)
 def test_hparams_search_composes_and_names_real_keys(search):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+hparams_search={search}"], return_hydra_config=True)
+        cfg = compose("config", overrides=[f"hparams_search={search}"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     for key in sweeper.params:
@@ -146,7 +146,7 @@ def test_parallel_launchers_run_a_two_job_sweep(tmp_path, data_dir, cache_dir, l
 @pytest.mark.skipif(not HAS_OPTUNA, reason="hydra-optuna-sweeper not installed (pip install -e '.[optuna]')")
 def test_optuna_search_minimises_the_returned_headline(tmp_path, data_dir, cache_dir):
     # Two trials of the GPTQ search with a tiny calibration set; the sweeper sees what task=quantize returns.
-    args = ["+hparams_search=gptq_ppl", "debug=smoke", "hydra.sweeper.n_trials=2", "quantizer.nsamples=2"]
+    args = ["hparams_search=gptq_ppl", "debug=smoke", "hydra.sweeper.n_trials=2", "quantizer.nsamples=2"]
     r, sweep = _sweep([*args, "quantizer.seqlen=64"], tmp_path, data_dir, cache_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _summary(sweep)
