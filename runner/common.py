@@ -235,14 +235,11 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
 
 
 def _to(model: Transformer, dev: torch.device, dt_: torch.dtype) -> Transformer:
-    # Only floating-point tensors take the model dtype; packed integer weights keep theirs.
+    # Only parameters take the model dtype: quantized scales/zeros (fp32 buffers) and RoPE frequencies keep theirs.
     model = model.to(dev)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dt_:
             p.data = p.data.to(dt_)
-    for name, b in model.named_buffers():
-        if b.is_floating_point() and b.dtype != dt_ and name != "inv_freq":
-            b.data = b.data.to(dt_)
     return model
 
 
