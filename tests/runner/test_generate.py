@@ -5,9 +5,14 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_hf, run_cli
+from omegaconf import OmegaConf
 
 from models.checkpoint import check_and_load, load_checkpoint, save_native
 from models.llama import Transformer, rope_frequencies
+from quant import describe
+from quant.base import decoder_linears
+from quant.int4 import Int4WeightOnlyLinear
+from quant.int8 import Int8WeightOnlyLinear
 from runner import common
 from runner import generate as gen_stage
 from runner.generate import generate
@@ -134,6 +139,35 @@ def test_native_checkpoint_generates_like_its_source(tmp_path, tiny_hf_dir, comp
     assert row["completion"] == ref["text"]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "layer_type", "kernel"),
+    [
+        (["quantizer=int8_wo"], Int8WeightOnlyLinear, None),
+        (["quantizer=int4_wo", "quantizer.groupsize=32"], Int4WeightOnlyLinear, "aten::_weight_int4pack_mm_for_cpu"),
+    ],
+)
+def test_quantized_model_and_its_checkpoint_generate_alike(tmp_path, compose, overrides, layer_type, kernel):
+    """Quantized at load time or reloaded from the native checkpoint quantize writes: the same tokens, and the
+    linears stay quantized modules that run their integer kernel (the torchtune #1784/#1808 failure mode)."""
+    base = ["task=generate", "debug=smoke", "model.dtype=bfloat16"]
+    cfg = compose([*base, *overrides])
+    model, tok = common.load_model(cfg)
+    save_native(tmp_path / "q", model, tok, describe(OmegaConf.to_container(cfg.quantizer)))
+    gen_stage.run(cfg)
+    fresh = json.loads((common.run_dir() / "samples.jsonl").read_text())
+    native = compose([*base, "checkpointer=native", f"checkpointer.path={tmp_path / 'q'}"], run_name="native")
+    gen_stage.run(native)
+    assert json.loads((common.run_dir() / "samples.jsonl").read_text()) == fresh
+    loaded, tok = common.load_model(native)
+    assert not decoder_linears(loaded)  # no float nn.Linear left in the blocks
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj")
+    assert all(isinstance(b.get_submodule(n), layer_type) for b in loaded.model.layers for n in names)
+    if kernel is not None:
+        with torch.profiler.profile() as prof:
+            _greedy(loaded, tok, [tok.encode("x")], 2)
+        assert kernel in {e.key for e in prof.key_averages()}
+
+
 def test_stage_end_to_end(compose, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"Hello"\n{"prompt": "A longer second prompt"}\n\n{"prompt": "3"}\n')
@@ -167,14 +201,16 @@ def test_stage_chat(compose):
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager(compose):
-    """torch.compile of the decode step (tens of seconds of inductor work on CPU) changes no token."""
-    cfg = compose(["task=generate", "debug=smoke", "task.compile=true"])
-    m = gen_stage.run(cfg)
-    assert m["generate/compile_s"] > 0
-    compiled = json.loads((common.run_dir() / "samples.jsonl").read_text())
-    gen_stage.run(compose(["task=generate", "debug=smoke"], run_name="eager"))
-    assert json.loads((common.run_dir() / "samples.jsonl").read_text()) == compiled
+def test_compiled_decode_equals_eager(tiny_hf_dir):
+    """torch.compile of the decode step (tens of seconds of inductor work on CPU) changes no token, and the
+    model comes back uncompiled."""
+    model, tok = _ours(tiny_hf_dir)
+    prompt = tok.encode("compile me", bos=True)
+    [eager] = _greedy(model, tok, [prompt], 10)
+    [compiled] = _greedy(model, tok, [prompt], 10, compile=True)
+    assert compiled["ids"] == eager["ids"]
+    assert compiled["timings"]["compile_s"] > 0 and eager["timings"]["compile_s"] == 0
+    assert "output" not in vars(model) and all("_compiled_call_impl" not in vars(b) for b in model.model.layers)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,244 @@
+"""Decode speed of runner.generate on SmolLM2-135M: against transformers' generate in the same dtype, int4 against
+this project's bf16, and against the machine's memory bandwidth, all measured in one process. JSON out.
+
+    python benchmarks/generate.py --out generate_bench.json
+    python benchmarks/generate.py checkpointer.path=/path/SmolLM2-135M-Instruct.Q4_1.gguf --repeats 2 --out b.json
+
+Positional arguments are Hydra overrides on top of `task=generate` (default model: smollm2_135m from its pinned
+source). Setting: batch 1, a `--prompt-tokens` prompt of random ids (fixed seed), `--new-tokens` greedy tokens with
+no stop token, so every run decodes the same number of steps; `--threads` torch threads.
+
+Runs, each `--repeats` times in rotation (so drift on a shared machine hits every run alike), best kept:
+- memory bandwidth: a copy of a 1 GiB fp32 tensor (bytes read + bytes written per second), and a sum over it
+  (bytes read per second);
+- fp32 and bf16: `transformers.LlamaForCausalLM.generate` (its defaults: eager, dynamic cache) on an HF copy of the
+  same weights; `runner.generate.generate` eager; the same with compile=True (compile time reported apart);
+- int4_wo with groupsize 32 and 64 (quant/, bf16 activations: the CPU int4 kernel's dtype), eager and compiled.
+transformers' generate does not report prefill apart from decode, so its decode rate is
+(new_tokens - 1) / (t(new_tokens) - t(1)); ours comes from the sampler's own decode timing (prefill, first sample
+and compilation excluded), and `total_s` gives its end-to-end time too.
+
+Written: the JSON given by --out (rewritten after each round) and printed at the end: settings, machine (CPU count,
+threads, load average before and after), bandwidth, per-run decode tokens/s (wall clock) and CPU seconds,
+weight bytes read per token and the fraction of the bandwidth limit (bandwidth / bytes per token) reached,
+ratios and the three targets: bf16 decode >= 3x transformers bf16, int4 >= 1.5x our bf16, bf16 >= 50% of the
+bandwidth limit (each judged on our faster mode, eager or compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models.checkpoint import save_hf  # noqa: E402 - after the path setup above
+from runner import common  # noqa: E402
+from runner.generate import generate, weight_bytes  # noqa: E402
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. checkpointer.path=FILE")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--groupsizes", type=int, nargs="*", default=[32, 64])
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled runs (compilation takes minutes)")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args()
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _bandwidth(repeats: int) -> dict:
+    src = torch.rand(256 * 1024**2)  # 1 GiB of fp32, far past any cache
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * src.element_size()
+    copy, read = [], []
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        t = time.perf_counter()
+        dst.copy_(src)
+        copy.append(2 * nbytes / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        src.sum()
+        read.append(nbytes / (time.perf_counter() - t) / 1e9)
+    return {"copy_gb_s": max(copy[1:]), "read_gb_s": max(read[1:]), "tensor_bytes": nbytes}
+
+
+def _ours(model, tok, prompt: list[int], new: int, compile: bool) -> dict:
+    wall, cpu = time.perf_counter(), time.process_time()
+    [r] = generate(
+        model,
+        tok,
+        [prompt],
+        max_new_tokens=new,
+        temperature=0.0,
+        top_k=None,
+        top_p=1.0,
+        stop_ids=set(),  # no early stop: every run decodes the same steps
+        stop_strings=[],
+        generator=None,
+        compile=compile,
+    )
+    tm = r["timings"]
+    return {
+        "decode_tokens_per_s": tm["decode_steps"] / tm["decode_s"],
+        "time_to_first_token_s": tm["time_to_first_token_s"],
+        "compile_s": tm["compile_s"],
+        "total_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "ids": r["ids"],
+    }
+
+
+def _reference(model, prompt: list[int], new: int) -> dict:
+    x = torch.tensor([prompt])
+
+    def timed(n: int) -> tuple[float, float, list[int]]:
+        gc = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc)
+        return time.perf_counter() - wall, time.process_time() - cpu, out[0, len(prompt) :].tolist()
+
+    w1, c1, _ = timed(1)
+    wn, cn, ids = timed(new)
+    return {"decode_tokens_per_s": (new - 1) / (wn - w1), "total_s": wn, "cpu_s": cn - c1, "ids": ids}
+
+
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _summary(runs: dict, bw: dict, bytes_per_token: dict) -> dict:
+    best = {k: max(v, key=lambda r: r["decode_tokens_per_s"]) for k, v in runs.items() if v}
+    out = {}
+    for k, r in best.items():
+        row = {key: val for key, val in r.items() if key != "ids"}
+        row["repeats"] = [round(x["decode_tokens_per_s"], 2) for x in runs[k]]
+        if k in bytes_per_token:
+            limit = bw["copy_gb_s"] * 1e9 / bytes_per_token[k]
+            row |= {"bytes_per_token": bytes_per_token[k], "bandwidth_limit_tokens_per_s": limit}
+            row["fraction_of_bandwidth_limit"] = r["decode_tokens_per_s"] / limit
+        out[k] = row
+    return out
+
+
+def _ratios(s: dict, groupsizes: list[int]) -> dict:
+    def rate(name):
+        return s[name]["decode_tokens_per_s"] if name in s else None
+
+    def ours(kind):  # our faster mode of `kind`
+        names = [n for n in (f"ours_{kind}_eager", f"ours_{kind}_compiled") if n in s]
+        return max(names, key=rate) if names else None
+
+    r = {}
+    for dt in ("fp32", "bf16"):
+        if ours(dt) and f"transformers_{dt}" in s:
+            r[f"{dt}_vs_transformers"] = {"ours": ours(dt), "ratio": rate(ours(dt)) / rate(f"transformers_{dt}")}
+    for g in groupsizes:
+        if ours(f"int4_g{g}") and ours("bf16"):
+            r[f"int4_g{g}_vs_bf16"] = {
+                "ours": ours(f"int4_g{g}"),
+                "ratio": rate(ours(f"int4_g{g}")) / rate(ours("bf16")),
+            }
+    if ours("bf16"):
+        r["bf16_fraction_of_bandwidth_limit"] = {
+            "ours": ours("bf16"),
+            "ratio": s[ours("bf16")]["fraction_of_bandwidth_limit"],
+        }
+    targets = {}
+    if "bf16_vs_transformers" in r:
+        targets["bf16_at_least_3x_transformers"] = r["bf16_vs_transformers"]["ratio"] >= 3
+    for g in groupsizes:
+        if f"int4_g{g}_vs_bf16" in r:
+            targets[f"int4_g{g}_at_least_1.5x_bf16"] = r[f"int4_g{g}_vs_bf16"]["ratio"] >= 1.5
+    if "bf16_fraction_of_bandwidth_limit" in r:
+        targets["bf16_at_least_half_bandwidth_limit"] = r["bf16_fraction_of_bandwidth_limit"]["ratio"] >= 0.5
+    return {"ratios": r, "targets_met": targets}
+
+
+def main() -> None:
+    a = _args()
+    torch.set_num_threads(a.threads)
+
+    def load(*overrides: str):
+        """The model as the stage loads it (common.load_model) for these overrides on top of the CLI's."""
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["task=generate", *a.overrides, *overrides])
+        return cfg, *common.load_model(cfg)
+
+    result = {
+        "settings": {
+            "batch": 1,
+            "prompt_tokens": a.prompt_tokens,
+            "new_tokens": a.new_tokens,
+            "repeats": a.repeats,
+            "overrides": a.overrides,
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg(),
+        },
+    }
+    _log("loading the model: fp32, bf16, and int4_wo for each groupsize")
+    cfg, fp32, tok = load("model.dtype=float32")
+    result["settings"]["model"] = cfg.model.name
+    ours = {"fp32": fp32, "bf16": load("model.dtype=bfloat16")[1]}
+    for g in a.groupsizes:
+        ours[f"int4_g{g}"] = load("model.dtype=bfloat16", "quantizer=int4_wo", f"quantizer.groupsize={g}")[1]
+    bytes_per_token = {
+        f"ours_{k}_{mode}": weight_bytes(m)[1] for k, m in ours.items() for mode in ("eager", "compiled")
+    }
+    prompt = torch.randint(0, fp32.args.vocab_size, (a.prompt_tokens,), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.tolist()
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(d, fp32, tok)  # the same weights for the reference
+        refs = {
+            dt: transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch_dt).eval()
+            for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        }
+
+    runs: dict[str, list] = {}
+    for rnd in range(a.repeats):
+        _log(f"round {rnd + 1}/{a.repeats}: memory bandwidth")
+        runs.setdefault("bandwidth", []).append(_bandwidth(2))
+        for dt, ref in refs.items():
+            _log(f"round {rnd + 1}: transformers {dt}")
+            runs.setdefault(f"transformers_{dt}", []).append(_reference(ref, prompt, a.new_tokens))
+        for k, m in ours.items():
+            for mode in ("eager",) if a.no_compile else ("eager", "compiled"):
+                _log(f"round {rnd + 1}: ours {k} {mode}")
+                runs.setdefault(f"ours_{k}_{mode}", []).append(_ours(m, tok, prompt, a.new_tokens, mode == "compiled"))
+        bw = {k: max(r[k] for r in runs["bandwidth"]) for k in ("copy_gb_s", "read_gb_s")}
+        summary = _summary({k: v for k, v in runs.items() if k != "bandwidth"}, bw, bytes_per_token)
+        result |= {"memory_bandwidth": bw, "runs": summary, **_ratios(summary, a.groupsizes)}
+        result["greedy_tokens_agree_with_transformers_fp32"] = _same_prefix(
+            runs["ours_fp32_eager"][0]["ids"], runs["transformers_fp32"][0]["ids"]
+        )
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        a.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
