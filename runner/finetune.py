@@ -107,7 +107,7 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
         raise common.ConfigError(
             f"task.batch_size={t.batch_size} must divide by micro_batch_size={t.micro_batch_size} x {world} devices"
         )
-    per_rank, mb = t.batch_size // world, t.micro_batch_size
+    mb = t.micro_batch_size
     # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
     out = Path(_broadcast(str(common.run_dir()), world))
 
@@ -161,19 +161,21 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
     with interrupt:
         while step < end:
             t0 = time.perf_counter()
-            idx = sampler.take(position + rank * per_rank, per_rank)
-            batches = [data.collate([train[i] for i in idx[j : j + mb]], tok.pad_id) for j in range(0, per_rank, mb)]
+            # Micro-batches of similar lengths waste less compute on padding (the step's gradient is the same sum).
+            # Consecutive groups go to ranks in turn, so each rank gets a similar share and any world size forms
+            # the same micro-batches.
+            order = sorted(sampler.take(position, t.batch_size), key=lambda i: len(train[i][0]))
+            micro = [order[j : j + mb] for j in range(0, t.batch_size, mb)][rank::world]
+            idx = [i for group in micro for i in group]
+            batches = [data.collate([train[i] for i in group], tok.pad_id) for group in micro]
             counts = torch.tensor([sum((y != data.IGNORE_INDEX).sum().item() for _, y in batches), 0.0])
             counts[1] = sum(len(train[i][0]) - 1 for i in idx)  # real (unpadded) input tokens
             n_targets, n_tokens = _all_sum(counts, world).tolist()
             loss_sum = torch.zeros((), device=dev)
             for j, (x, y) in enumerate(batches):
-                x, y = x.to(dev), y.to(dev)
                 if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
                     model.set_requires_gradient_sync(j == len(batches) - 1)
-                with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
-                    logits = model(x)  # [B, T, V]
-                nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+                nll = _summed_nll(model, x.to(dev), y.to(dev), amp)
                 # Normalise by the global target count; x world because FSDP averages gradients over ranks.
                 (nll * world / n_targets).backward()
                 loss_sum += nll.detach()
@@ -224,6 +226,20 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
     }
 
 
+def _summed_nll(model, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Summed next-token loss of inputs x [B, T] against targets y [B, T] (IGNORE_INDEX: no target)."""
+    keep = y != data.IGNORE_INDEX  # [B, T]
+    # The output head and its softmax are about a fifth of the compute at a 49k vocabulary, and prompt and padding
+    # positions need neither: a pre-hook on the final norm (the head's only input) keeps the target rows, [N, C].
+    hook = model.model.norm.register_forward_pre_hook(lambda module, args: (args[0][keep],))
+    try:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            logits = model(x)  # [N, V]
+    finally:
+        hook.remove()
+    return F.cross_entropy(logits.float(), y[keep], reduction="sum")
+
+
 @torch.no_grad()
 def _val_loss(model, val, mb, pad_id, dev, amp, rank, world) -> float:
     """Mean next-token loss over the whole validation split (dropout off)."""
@@ -233,10 +249,8 @@ def _val_loss(model, val, mb, pad_id, dev, amp, rank, world) -> float:
     # Every rank runs the same number of forwards (FSDP gathers weights collectively); padding slots are not counted.
     for i in range(rank, -(-len(batches) // world) * world, world):
         x, y = data.collate(batches[i % len(batches)], pad_id)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
-            logits = model(x.to(dev))
+        nll = _summed_nll(model, x.to(dev), y.to(dev), amp)
         if i < len(batches):
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.to(dev).flatten(), reduction="sum")
             total += torch.tensor([nll.item(), (y != data.IGNORE_INDEX).sum().item()], dtype=torch.float64)
     model.train()
     total = _all_sum(total, world)
