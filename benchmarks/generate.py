@@ -108,6 +108,7 @@ def _ours(model, tok, prompt: list[int], new: int, compile: bool) -> dict:
 
 def _reference(model, prompt: list[int], new: int) -> dict:
     x = torch.tensor([prompt])
+    model.generation_config.eos_token_id = None  # decode every step, as ours does (stop_ids=set())
 
     def timed(n: int) -> tuple[float, float, list[int]]:
         gc = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)

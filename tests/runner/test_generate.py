@@ -42,7 +42,9 @@ def _greedy(model, tok, prompts, n, **kw):
 def _hf_greedy(ref, prompt_ids, n):
     import transformers
 
-    # No EOS: both sides produce exactly n tokens, so the comparison never depends on where EOS falls.
+    # No EOS: both sides produce exactly n tokens, so the comparison never depends on where EOS falls. (A None in
+    # the passed config falls back to the model's own generation_config, so clear that too.)
+    ref.generation_config.eos_token_id = None
     gc = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         out = ref.generate(torch.tensor([prompt_ids]), generation_config=gc)
@@ -202,15 +204,13 @@ def test_stage_chat(compose):
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(tiny_hf_dir):
-    """torch.compile of the decode step (tens of seconds of inductor work on CPU) changes no token, and the
-    model comes back uncompiled."""
+    """torch.compile of the decode step (tens of seconds of inductor work on CPU) changes no token."""
     model, tok = _ours(tiny_hf_dir)
     prompt = tok.encode("compile me", bos=True)
     [eager] = _greedy(model, tok, [prompt], 10)
     [compiled] = _greedy(model, tok, [prompt], 10, compile=True)
     assert compiled["ids"] == eager["ids"]
     assert compiled["timings"]["compile_s"] > 0 and eager["timings"]["compile_s"] == 0
-    assert "output" not in vars(model) and all("_compiled_call_impl" not in vars(b) for b in model.model.layers)
 
 
 @pytest.mark.parametrize(
