@@ -318,8 +318,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
 
     stream = t.stream and len(prompts) == 1
+    sep = "\n" if t.chat else ""  # a chat answer starts on its own line; a plain completion continues the prompt
     if stream:
-        sys.stdout.write(texts[0])
+        sys.stdout.write(texts[0] + sep)
     generator = torch.Generator(device=dev).manual_seed(t.seed) if t.temperature > 0 else None
     results = generate(
         model,
@@ -339,7 +340,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         sys.stdout.write("\n")
     elif t.stream:
         for n, (x, r) in enumerate(zip(texts, results, strict=True), 1):
-            sys.stdout.write(f"--- [{n}] {x}{r['text']}\n")
+            sys.stdout.write(f"--- [{n}] {x}{sep}{r['text']}\n")
     sys.stdout.flush()
 
     with open(common.run_dir() / "samples.jsonl", "w", encoding="utf-8") as f:
