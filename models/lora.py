@@ -8,15 +8,18 @@ change; the adapter adds `<layer>.lora_A.weight` [r, in] and `<layer>.lora_B.wei
     y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
 
 B starts at zero, so a freshly adapted model computes exactly the base model. `merge_lora` folds the adapters back
-into plain `nn.Linear` layers (W + alpha/r * B A); `adapter_state_dict` is the adapter alone, for saving.
+into plain `nn.Linear` layers (W + alpha/r * B A); `adapter_state_dict` / `save_adapter` give the adapter alone.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -93,3 +96,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             sd[f"{name}.lora_A.weight"] = module.lora_A.weight.detach()
             sd[f"{name}.lora_B.weight"] = module.lora_B.weight.detach()
     return sd
+
+
+def save_adapter(directory: str | Path, model: nn.Module, config: dict) -> Path:
+    """Write the adapter alone: adapter_model.safetensors and adapter_config.json (`config`: rank, alpha, ...)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return d

@@ -30,7 +30,6 @@ gives world-size-independent losses.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -60,7 +59,7 @@ from tqdm import tqdm
 
 from models.checkpoint import save_native
 from models.llama import Transformer, rope_frequencies
-from models.lora import adapter_state_dict, apply_lora, merge_lora
+from models.lora import apply_lora, merge_lora, save_adapter
 from runner import common, data
 
 log = logging.getLogger(__name__)
@@ -155,22 +154,15 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
         val_loss = evaluate()
         log_rank0({"finetune/val_loss": val_loss}, 0)
 
-    interrupt = _Interrupt()
     loss, tokens_seen, train_time, saved = math.nan, 0, 0.0, None
     bar = tqdm(total=t.max_steps, initial=step, desc="finetune", disable=rank != 0)
-    with interrupt:
+    with _Interrupt() as interrupt:
         while step < end:
             t0 = time.perf_counter()
-            # Micro-batches of similar lengths waste less compute on padding (the step's gradient is the same sum).
-            # Consecutive groups go to ranks in turn, so each rank gets a similar share and any world size forms
-            # the same micro-batches.
-            order = sorted(sampler.take(position, t.batch_size), key=lambda i: len(train[i][0]))
-            micro = [order[j : j + mb] for j in range(0, t.batch_size, mb)][rank::world]
-            idx = [i for group in micro for i in group]
-            batches = [data.collate([train[i] for i in group], tok.pad_id) for group in micro]
-            counts = torch.tensor([sum((y != data.IGNORE_INDEX).sum().item() for _, y in batches), 0.0])
-            counts[1] = sum(len(train[i][0]) - 1 for i in idx)  # real (unpadded) input tokens
-            n_targets, n_tokens = _all_sum(counts, world).tolist()
+            idx = sampler.take(position, t.batch_size)
+            batches, n_tokens = data.micro_batches(train, idx, mb, rank, world, tok.pad_id)  # this rank's share
+            n_targets = sum((y != data.IGNORE_INDEX).sum().item() for _, y in batches)
+            n_targets, n_tokens = _all_sum(torch.tensor([n_targets, n_tokens], dtype=torch.float64), world).tolist()
             loss_sum = torch.zeros((), device=dev)
             for j, (x, y) in enumerate(batches):
                 if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
@@ -342,12 +334,8 @@ def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
     final.load_state_dict(sd, assign=True)
     final.inv_freq = rope_frequencies(model.args)
     if t.method == "lora":
-        (out / "adapter").mkdir(exist_ok=True)
-        save_file(adapter_state_dict(final), str(out / "adapter" / "adapter_model.safetensors"))
-        adapter_cfg = OmegaConf.to_container(t.lora, resolve=True)
-        adapter_cfg["base_model"] = {"checkpointer": cfg.checkpointer.name, "path": cfg.checkpointer.path}
-        adapter_cfg["base_model"]["source"] = cfg.model.source
-        (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        base = {"checkpointer": cfg.checkpointer.name, "path": cfg.checkpointer.path, "source": cfg.model.source}
+        save_adapter(out / "adapter", final, {**OmegaConf.to_container(t.lora, resolve=True), "base_model": base})
         if not t.lora.save_merged:
             return
         merge_lora(final)
@@ -355,20 +343,17 @@ def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
 
 
 class _Interrupt:
-    """SIGINT/SIGTERM set a flag the loop acts on after the current step; a second signal stops at once."""
+    """SIGINT/SIGTERM only set `signal`, which the loop checks after each step; a second signal stops at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
+    def __enter__(self):
         self.signal = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def _handle(self, signum, frame):
         if self.signal is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         self.signal = signum
-
-    def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():

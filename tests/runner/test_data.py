@@ -97,6 +97,15 @@ def test_collate_shifts_and_pads():
     assert y.tolist() == [[IGN, 3, 4], [6, IGN, IGN]]
 
 
+def test_micro_batches_group_by_length_the_same_for_any_world_size():
+    examples = [([7] * n, [7] * n) for n in (5, 2, 9, 3, 8, 4, 2, 6)]
+    one, n1 = data.micro_batches(examples, list(range(8)), 2, rank=0, world=1, pad_id=0)
+    assert [x.shape[1] for x, _ in one] == [1, 3, 5, 8]  # sorted by length: little padding
+    two = [data.micro_batches(examples, list(range(8)), 2, rank=r, world=2, pad_id=0) for r in (0, 1)]
+    assert [b[0].tolist() for b in one] == [b[0].tolist() for b in (two[0][0][0], two[1][0][0], two[0][0][1], two[1][0][1])]
+    assert n1 == sum(n - 1 for n in (5, 2, 9, 3, 8, 4, 2, 6)) == two[0][1] + two[1][1]
+
+
 def test_sampler_is_a_pure_function_of_position():
     s = data.Sampler(5, seed=3)
     stream = s.take(0, 12)
