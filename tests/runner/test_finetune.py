@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,16 +164,17 @@ def test_bad_config_is_a_config_error(compose, tmp_path, overrides, match):
         finetune.run(_cfg(compose, tmp_path, *overrides))
 
 
-@pytest.mark.slow  # two torchrun processes: startup dominates (about a minute on 2 cores)
-def test_fsdp2_two_processes_match_one(compose, tmp_path, data_dir):
-    """torchrun --nproc_per_node=2 (gloo, FSDP2) gives the losses of one process with the same global batch."""
+@pytest.mark.slow  # two torchrun launches: startup dominates (about a minute on 2 cores)
+def test_fsdp2_two_processes_match_one_and_resume_anywhere(compose, tmp_path, data_dir):
+    """torchrun --nproc_per_node=2 (gloo, FSDP2) gives the losses of one process with the same global batch, and its
+    checkpoints (single-device format) resume exactly, under torchrun or in one process."""
     over = [
         "task=finetune",
         "debug=smoke",
         f"data.path={_data(tmp_path)}",
         "data.val_size=3",  # uneven over 2 ranks: exercises the padded validation loop
         "task.max_seq_len=48",
-        "task.max_steps=3",
+        "task.max_steps=4",
         "task.batch_size=4",
         "task.micro_batch_size=1",  # 2 micro-batches per rank: accumulation under FSDP too
         "task.optimizer.lr=1e-3",
@@ -184,16 +186,23 @@ def test_fsdp2_two_processes_match_one(compose, tmp_path, data_dir):
     # Per-rank run directories: run_stage writes status.json on every rank (see the report to the lead).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "runner", *over,
            f"hydra.run.dir={tmp_path}/ddp" + "${oc.env:RANK}", f"paths.output_root={tmp_path}/out"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*cmd, "task.stop_after=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp, single = tmp_path / "ddp0", tmp_path / "single"
     assert not (tmp_path / "ddp1/metrics.jsonl").exists()  # only rank 0 logs and checkpoints
-    for key in ("finetune/loss", "finetune/grad_norm", "finetune/val_loss"):
-        assert _per_step(ddp, key) == pytest.approx(_per_step(single, key), abs=1e-4), key
-    ckpt = "checkpoints/step_000003"
-    assert load_file(ddp / ckpt / "trainable.safetensors").keys() == load_file(single / ckpt / "trainable.safetensors").keys()
-    state = torch.load(ddp / ckpt / "train_state.pt", weights_only=True)
+    ckpt = ddp / "checkpoints/step_000002"
+    assert load_file(ckpt / "trainable.safetensors").keys() == load_file(single / "checkpoints/step_000004/trainable.safetensors").keys()
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+    shutil.copytree(ckpt, tmp_path / "step2")
+
+    r = subprocess.run([*cmd, "task.resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    finetune.run(compose([*over, f"task.resume={tmp_path / 'step2'}"], run_name="cross"))  # 2 ranks -> 1
+    for key in ("finetune/loss", "finetune/grad_norm", "finetune/val_loss"):
+        want = _per_step(single, key)
+        assert _per_step(ddp, key) == pytest.approx(want, abs=1e-4), key
+        assert _per_step(tmp_path / "cross", key) == pytest.approx({k: v for k, v in want.items() if k > 2}, abs=1e-4)
     a, b = load_file(ddp / "model/model.safetensors"), load_file(single / "model/model.safetensors")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
