@@ -27,6 +27,7 @@ import logging
 
 import torch
 from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
@@ -41,7 +42,8 @@ _HEAD_CHUNK_ELEMENTS = 2**25
 
 class LMEvalModel(TemplateLM):
     """lm-eval model over `model` and `tokenizer`. `batch_size` counts rows: a row holds one context and all the
-    continuations that share it (or one rolling window, or one prompt to generate from). `max_length` None is the
+    continuations that share it (or one rolling window, or one prompt to generate from); a scoring forward also
+    stays within `max_length` padded tokens. `max_length` None is the
     model's max_position_embeddings, as HFLM takes it from config.json. `info` lands in lm-eval's results config."""
 
     def __init__(
@@ -137,11 +139,16 @@ class LMEvalModel(TemplateLM):
         rows.sort(key=lambda row: -length(row))
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         with tqdm(total=len(pairs), desc=desc, disable=disable) as bar:
-            for s in range(0, len(rows), self.batch_size):
-                batch = rows[s : s + self.batch_size]
-                for i, result in self._score_rows(batch, pairs, max(length(r) for r in batch)):
+            s = 0
+            while s < len(rows):
+                # At most batch_size rows and max_length padded tokens: long rows (rolling windows) then go one or
+                # a few at a time, which bounds memory and wastes no compute on padding a short row to a long one.
+                T = length(rows[s])
+                batch = rows[s : s + max(1, min(self.batch_size, L // T))]
+                for i, result in self._score_rows(batch, pairs, T):
                     out[i] = result
                 bar.update(sum(len(r[1]) for r in batch))
+                s += len(batch)
         return out
 
     @torch.no_grad()
@@ -206,13 +213,11 @@ class LMEvalModel(TemplateLM):
         generator = torch.Generator(device=self._device).manual_seed(self.seed)
         with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
             for idxs in groups.values():
-                kw = dict(requests[idxs[0]].args[1])
-                until = kw.pop("until", None) or []
-                until = [until] if isinstance(until, str) else list(until)
-                max_gen = kw.pop("max_gen_toks", self.max_gen_toks)
-                # Greedy unless sampling is asked for with a positive temperature (HF generate's reading).
-                do_sample, temperature = kw.pop("do_sample", False), kw.pop("temperature", 0.0)
-                temperature = float(temperature) if do_sample else 0.0
+                # lm-eval's own reading of the arguments, as HFLM does: stop strings as a list, max_gen_toks from
+                # any of its aliases, do_sample False (or absent with temperature 0) means greedy.
+                kw = dict(normalize_gen_kwargs(requests[idxs[0]].args[1], self.max_gen_toks))
+                until, max_gen = kw.pop("until"), kw.pop("max_gen_toks")
+                temperature = float(kw.pop("temperature")) if kw.pop("do_sample") else 0.0
                 top_k, top_p = kw.pop("top_k", None), kw.pop("top_p", 1.0)
                 if kw:
                     log.warning("generate_until ignores generation arguments %s", sorted(kw))
