@@ -141,31 +141,12 @@ def generate(
         # Prefill runs eager: prompt lengths vary between calls, and int4 layers build their kernel layout here.
         logits = model(ids, input_pos=slots[:P], position_ids=prefill_pos, key_padding_mask=kpm)  # [B, P, V]
         tok = _sample(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
-        toks = tok.tolist()
-        ttft = time.perf_counter() - t0
-        compile_s = 0.0
-        step = model
-        if compile:
-            t = time.perf_counter()
-            # Static shapes: every decode step has the same [B, 1] input and [B, S] cache.
-            step = torch.compile(model, dynamic=False, options=_COMPILE_OPTIONS)
-            # Warm up on the last cache slot: a real step writes that slot again before anything attends to it.
-            last = slots[S - 1 :]
-            for _ in range(2):
-                step(tok[:, None], input_pos=last, position_ids=last - pad if padded else None, key_padding_mask=kpm)
-            compile_s = time.perf_counter() - t
-        t1 = time.perf_counter()
         out: list[list[int]] = [[] for _ in range(B)]
         text = [""] * B
         finish: list[str | None] = [None] * B
-        n_steps = 0
-        for i in range(max_new_tokens):
-            if i:
-                p = slots[P + i - 1 : P + i]  # [1]: the slot of the token fed back
-                logits = step(tok[:, None], input_pos=p, position_ids=p - pad if padded else None, key_padding_mask=kpm)
-                tok = _sample(logits[:, -1], temperature, top_k, top_p, generator)
-                toks = tok.tolist()
-                n_steps += 1
+
+        def take(toks: list[int]) -> bool:
+            """Append each unfinished row's new token, apply the stop rules; True once every row has ended."""
             for b, t_ in enumerate(toks):
                 if finish[b] is not None:
                     continue
@@ -179,8 +160,30 @@ def generate(
                         finish[b] = "stop"
                     if on_text is not None:
                         on_text(b, text[b])
-            if all(f is not None for f in finish):
+            return all(f is not None for f in finish)
+
+        done = take(tok.tolist())
+        ttft = time.perf_counter() - t0
+        step, compile_s = model, 0.0
+        if compile and not done and max_new_tokens > 1:  # nothing to compile for when no decode step follows
+            t = time.perf_counter()
+            # Static shapes: every decode step has the same [B, 1] input and [B, S] cache.
+            step = torch.compile(model, dynamic=False, options=_COMPILE_OPTIONS)
+            # Warm up on the last cache slot: a real step writes that slot again before anything attends to it.
+            last = slots[S - 1 :]
+            for _ in range(2):
+                step(tok[:, None], input_pos=last, position_ids=last - pad if padded else None, key_padding_mask=kpm)
+            compile_s = time.perf_counter() - t
+        t1 = time.perf_counter()
+        n_steps = 0
+        for i in range(1, max_new_tokens):
+            if done:
                 break
+            p = slots[P + i - 1 : P + i]  # [1]: the slot of the token fed back
+            logits = step(tok[:, None], input_pos=p, position_ids=p - pad if padded else None, key_padding_mask=kpm)
+            tok = _sample(logits[:, -1], temperature, top_k, top_p, generator)
+            done = take(tok.tolist())
+            n_steps += 1
         t2 = time.perf_counter()
     finally:
         model.clear_caches()
