@@ -127,6 +127,11 @@ def _check_inputs(cfg: DictConfig) -> None:
         raise common.ConfigError(
             "task=quantize needs a quantizer: add quantizer=gptq, quantizer=int4_wo or quantizer=int8_wo"
         )
+    w = cfg.task.ppl_windows
+    if cfg.task.ppl and w is not None and w < 1:
+        raise common.ConfigError(
+            f"task.ppl_windows={w}: use a positive count or null (all windows); task.ppl=false skips the check"
+        )
     if q.name == "gptq" and cfg.task.ppl:
         calib = corpus_path(cfg)
         scored = common.data_path(cfg, common.WIKITEXT2_TEST).resolve()

@@ -122,6 +122,11 @@ def test_quantizer_none_is_refused(quantize_cfg):
         quantize.run(quantize_cfg())
 
 
+def test_zero_ppl_windows_is_refused(quantize_cfg):
+    with pytest.raises(ConfigError, match="task.ppl_windows=0"):
+        quantize.run(quantize_cfg("quantizer=int8_wo", "task.ppl_windows=0"))
+
+
 def test_calibrating_on_the_scored_text_is_refused(quantize_cfg, data_dir):
     scored = data_dir / common.WIKITEXT2_TEST
     with pytest.raises(ConfigError, match="task.ppl"):
