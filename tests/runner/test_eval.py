@@ -124,6 +124,19 @@ def test_every_local_task_with_sample_logs(compose):
         assert len(rows) == 1 and "resps" in json.loads(rows[0])
 
 
+def test_num_fewshot_and_seed(compose):
+    """Few-shot examples come from the local validation split (ARC's dev file), drawn with task.seed."""
+    overrides = ["task.tasks=[arc_easy]", "task.limit=2", "task.num_fewshot=2", "task.log_samples=true"]
+    contexts = []
+    for run, seed in (("a", 1), ("b", 2)):
+        runner.eval.run(compose(["task=eval", "debug=smoke", *overrides, f"task.seed={seed}"], run_name=run))
+        rows = [json.loads(x) for x in (common.run_dir() / "samples_arc_easy.jsonl").read_text().splitlines()]
+        contexts.append([r["arguments"][0][0] for r in rows])  # [request][context, continuation]
+        assert json.loads((common.run_dir() / "results.json").read_text())["n-shot"]["arc_easy"] == 2
+    assert all(c.count("Question:") == 3 for c in contexts[0])
+    assert contexts[0] != contexts[1]
+
+
 def test_quantized_native_checkpoint(compose, tmp_path):
     """checkpointer=native over an int4 checkpoint: the quantized model is rebuilt from its sidecars and scored."""
     from models.checkpoint import save_native
