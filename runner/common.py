@@ -92,6 +92,7 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
     out = run_dir()
     out.mkdir(parents=True, exist_ok=True)
     multirun = hc.mode == RunMode.MULTIRUN
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 writes the run's files
     start = time.time()
     status = {
         "status": "running",
@@ -105,7 +106,8 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
         "git_commit": _git_commit(),
         "argv": sys.argv,
     }
-    _write_json(out / "status.json", status)
+    if rank == 0:
+        _write_json(out / "status.json", status)
     failed = True
     error = None
     try:
@@ -113,14 +115,15 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
         group = Path(hc.sweep.dir).name if multirun else None
         _logger = build_logger(cfg, out, group, f"{cfg.task.name}-{out.name}")
         metrics = stage_run(cfg)
-        _write_json(out / "metrics.json", metrics)
+        if rank == 0:
+            _write_json(out / "metrics.json", metrics)
         _logger.summary(metrics)
         failed = False
         return metrics
     except (KeyboardInterrupt, Exception) as e:  # noqa: B902 - record every failure, then report it below
         error = e
         status["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
-        (out / "traceback.txt").write_text(traceback.format_exc())
+        (out / ("traceback.txt" if rank == 0 else f"traceback.rank{rank}.txt")).write_text(traceback.format_exc())
     finally:
         end = time.time()
         status.update(
@@ -128,7 +131,8 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
             end_time=dt.datetime.fromtimestamp(end).isoformat(),
             duration_s=round(end - start, 3),
         )
-        _write_json(out / "status.json", status)
+        if rank == 0:
+            _write_json(out / "status.json", status)
         try:
             _logger.finish(failed=failed)
         finally:
