@@ -215,7 +215,13 @@ def main() -> None:
     }
     for method, lr in (("full", a.full_lr), ("lora", a.lora_lr)):
         # A 4-record validation split: the speed runs do not need the stage's validation passes to be long.
-        over = [*base, f"task.method={method}", f"task.max_steps={a.steps}", f"task.optimizer.lr={lr}", "data.val_size=4"]
+        over = [
+            *base,
+            f"task.method={method}",
+            f"task.max_steps={a.steps}",
+            f"task.optimizer.lr={lr}",
+            "data.val_size=4",
+        ]
         ours, ref = [], []
         for rep in range(a.repeats):
             _log(f"{method} speed, repeat {rep + 1}/{a.repeats}: ours")

@@ -12,6 +12,10 @@ count, default all). It also times two plain forward passes of the float model o
 floor for sequential GPTQ, which must push the whole calibration set through every block once before quantizing it
 and once after.
 
+With `--reference`, the first group size (act-order on) is also quantized by the plain column-by-column Algorithm 1
+of tests/quant/gptq_reference.py (fp64) and by ours in fp64 and fp32, and the perplexities compared
+(`reference`; target: within 1% of the reference's).
+
 Targets checked in the output (`targets`): GPTQ (the better act-order setting) beats RTN at every group size, and each
 GPTQ run takes at most 1.5x the two-pass floor.
 
@@ -39,7 +43,12 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quant import quantize_model  # noqa: E402 - after the path setup above
+sys.path.insert(0, str(REPO / "tests" / "quant"))
+
+from gptq_reference import reference_gptq  # noqa: E402 - after the path setup above
+
+from quant import gptq, quantize_model  # noqa: E402
+from quant.int4 import dequantize  # noqa: E402
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
 
@@ -53,9 +62,22 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--groupsizes", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--act-order", choices=["both", "on", "off"], default="both")
+    p.add_argument(
+        "--both-at",
+        type=int,
+        nargs="*",
+        default=None,
+        help="with --act-order on: group sizes at which act-order off runs as well (a cheaper grid)",
+    )
     p.add_argument("--ppl-windows", type=int, default=None, help="first N WikiText-2 windows (default: all)")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 on an oversubscribed machine"
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run the whole model through the plain column-by-column Algorithm 1 (tests/quant/gptq_reference.py) "
+        "at the first group size, act-order on, and compare its perplexity with ours",
     )
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
@@ -99,6 +121,25 @@ def _forward(model, calib: torch.Tensor, passes: int) -> None:
     for _ in range(passes):
         for row in calib:
             model(row[None].to(dev))
+
+
+def _reference_weight(W, H, *, groupsize, blocksize, percdamp, act_order, static_groups, sym) -> gptq.GPTQResult:
+    """quant.gptq.gptq_quantize_weight's contract, computed by the column-by-column reference (fp64, no lazy
+    batches; blocksize does not apply)."""
+    g, K = groupsize, W.shape[1]
+    q, s, z, order = reference_gptq(W, H, g, percdamp, act_order, static_groups, sym)
+    if act_order and not static_groups:  # groups are runs of g columns in quantization order
+        g_idx = (torch.argsort(order) // g).to(torch.int32)
+        first = order[::g]
+    else:
+        g_idx, first = None, torch.arange(0, q.shape[1], g)
+    scales, zeros = s[:, first].float(), z[:, first].float()
+    W0, H0 = W.double(), H.double()
+    E = W0 - dequantize(q, scales.double(), zeros.double(), g, g_idx)[:, :K]
+    sqnr = (10 * torch.log10(((W0 @ H0) * W0).sum() / ((E @ H0) * E).sum())).item()
+    return gptq.GPTQResult(
+        q=q.to(torch.uint8), scales=scales, zeros=zeros, g_idx=g_idx, loss=float("nan"), sqnr_db=sqnr
+    )
 
 
 def _log(msg: str) -> None:
@@ -179,10 +220,12 @@ def main() -> None:
     _log(f"float ppl {ppl:.4f} over {n} windows; floor {floor.wall:.1f} s wall, {floor.cpu:.1f} s cpu")
 
     act_orders = {"both": [False, True], "on": [True], "off": [False]}[a.act_order]
+    both_at = set(a.both_at or [])
     base = OmegaConf.to_container(cfg.quantizer, resolve=True)
     for g in a.groupsizes:
         plans = [("rtn", {"name": "int4_wo", "groupsize": g, "sym": base["sym"]}, None)]
-        plans += [("gptq", {**base, "groupsize": g, "act_order": ao}, ao) for ao in act_orders]
+        orders = [False, True] if g in both_at else act_orders
+        plans += [("gptq", {**base, "groupsize": g, "act_order": ao}, ao) for ao in orders]
         for method, qcfg, act_order in plans:
             model = copy.deepcopy(float_model)
             with _Clock() as clock:
@@ -200,6 +243,45 @@ def main() -> None:
             _log(json.dumps(run))
             _write(a.out, result, a.groupsizes)  # after every run, so an interrupted grid keeps what it measured
             del model
+
+    if a.reference:
+        # The same configuration three ways, each from the float model on the same calibration windows: ours as
+        # shipped (fp32), ours in fp64, and the column-by-column reference (fp64). In fp64 the two algorithms give
+        # identical integers layer by layer (tests/quant/test_gptq.py); fp32 flips a few roundings, which the
+        # sequential calibration then carries into later blocks.
+        g = a.groupsizes[0]
+        qcfg = {**base, "groupsize": g, "act_order": True}
+        fast = gptq.gptq_quantize_weight
+
+        def fp64(W, H, **kw):
+            return fast(W.double(), H.double(), **kw)
+
+        ref = {"groupsize": g, "act_order": True}
+        shipped = [r for r in result["runs"] if r["method"] == "gptq" and r["groupsize"] == g and r["act_order"]]
+        labels = [("ours_fp64", fp64), ("reference", _reference_weight)]
+        if shipped:  # the grid already ran ours as shipped at this setting
+            ref["ppl_ours_fp32"], ref["seconds_ours_fp32"] = shipped[0]["ppl"], shipped[0]["seconds"]
+        else:
+            labels.insert(0, ("ours_fp32", fast))
+        for label, fn in labels:
+            _log(f"reference check: {label}, groupsize {g}, act-order on")
+            model = copy.deepcopy(float_model)
+            gptq.gptq_quantize_weight = fn
+            try:
+                with _Clock() as clock:
+                    quantize_model(model, qcfg, calib)
+            finally:
+                gptq.gptq_quantize_weight = fast
+            ref[f"ppl_{label}"], _ = _ppl(cfg, model, tok, text)
+            ref[f"seconds_{label}"] = clock.wall
+            del model
+        for label in ("ours_fp32", "ours_fp64"):
+            rel = abs(ref[f"ppl_{label}"] - ref["ppl_reference"]) / ref["ppl_reference"]
+            ref[f"relative_difference_{label}"] = rel
+            ref[f"within_1_percent_{label}"] = rel <= 0.01
+        result["reference"] = ref
+        _log(json.dumps(ref))
+        _write(a.out, result, a.groupsizes)
 
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_s"] = time.time() - started

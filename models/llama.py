@@ -147,9 +147,9 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: [T]; k, v: [B, KVH, T, D]
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        # input_pos: [T]; k, v: [B, KVH, T, D], cast to the cache's dtype
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -173,12 +173,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, KVH, S, D]
+            q = q.to(k.dtype)  # attention runs in the cache's dtype (see Transformer.setup_caches)
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*D]
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x.dtype)  # [B, T, H*D]
         return self.o_proj(y)
 
 
@@ -226,7 +227,12 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_length = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None):
-        """Preallocate a static KV cache of [max_batch_size, KVH, max_seq_length, D] per layer."""
+        """Preallocate a static KV cache of [max_batch_size, KVH, max_seq_length, D] per layer.
+
+        Attention over the cache runs in the cache's `dtype` (default: the embedding's). A float32 cache under a
+        bf16 model is the fast choice on CPUs without native bf16 (AVX2): there the bf16 attention kernel is several
+        times slower than the float32 one, while the cache is small next to the weights.
+        """
         dtype = dtype or self.model.embed_tokens.weight.dtype
         device = self.inv_freq.device
         a = self.args

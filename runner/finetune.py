@@ -203,7 +203,9 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
             if stopping or step == end or (t.save_every is not None and step % t.save_every == 0):
                 saved = _save_checkpoint(out, step, position, model, optimizer, scheduler, rank, world)
             if stopping:
-                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint {saved} (continue: task.resume={saved})")
+                raise KeyboardInterrupt(
+                    f"interrupted at step {step}; checkpoint {saved} (continue: task.resume={saved})"
+                )
     bar.close()
 
     if val_loss is None:  # resumed with no steps left

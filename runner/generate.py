@@ -134,8 +134,10 @@ def generate(
     kpm = slots[None] >= pad if padded else None  # [B, S], True = real token
     prefill_pos = (slots[None, :P] - pad).clamp(min=0) if padded else None  # [B, P]
 
-    # The norm weights stay in the activation dtype even when the linear weights are quantized.
-    model.setup_caches(B, S, dtype=model.model.norm.weight.dtype)
+    # The norm weights stay in the activation dtype even when the linear weights are quantized. On CPU the cache
+    # (and so attention) is float32 whatever the activations: see Transformer.setup_caches.
+    act_dtype = model.model.norm.weight.dtype
+    model.setup_caches(B, S, dtype=torch.float32 if dev.type == "cpu" else act_dtype)
     try:
         t0 = time.perf_counter()
         # Prefill runs eager: prompt lengths vary between calls, and int4 layers build their kernel layout here.

@@ -62,6 +62,28 @@ def test_kv_cache_decode_equals_full_forward(tmp_path, variant):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_float32_cache_under_bf16_model(tmp_path):
+    """The generate stage's CPU setting: bf16 weights and activations, attention over a float32 cache. Decode
+    stays bf16 on the outside and tracks the float32 model as closely as an all-bf16 decode does."""
+    _, model, _ = _load_pair(tmp_path, "llama", {})
+    x = torch.randint(0, 259, (2, 24))
+    with torch.no_grad():
+        exact = model(x)
+        model.to(torch.bfloat16)
+        out = {}
+        for cache_dtype in (torch.float32, torch.bfloat16):
+            model.setup_caches(2, 32, dtype=cache_dtype)
+            steps = [model(x[:, :16], input_pos=torch.arange(16))]
+            for t in range(16, 24):
+                steps.append(model(x[:, t : t + 1], input_pos=torch.tensor([t])))
+            out[cache_dtype] = torch.cat(steps, 1)
+            assert out[cache_dtype].dtype == torch.bfloat16
+            assert model.model.layers[0].self_attn.kv_cache.k.dtype == cache_dtype
+    err = {dt: (o.float() - exact).abs().max().item() for dt, o in out.items()}
+    assert err[torch.float32] < 0.02, err  # logits of size ~1; bf16 keeps ~3 significant digits
+    assert err[torch.float32] < 2 * err[torch.bfloat16], err
+
+
 def test_left_padded_batch_equals_each_row_alone(tmp_path):
     _, model, _ = _load_pair(tmp_path, "llama", {})
     a, b = torch.randint(0, 259, (1, 10)), torch.randint(0, 259, (1, 6))

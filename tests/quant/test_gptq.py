@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from gptq_reference import reference_gptq
 from quant_helpers import calib_ids, dequantized_twin, gptq_cfg, tiny_model, token_ids
 
 from models.checkpoint import load_checkpoint
@@ -17,55 +18,6 @@ from quant import gptq, quantize_model
 from quant.base import decoder_linears
 from quant.gptq import _SEQUENTIAL_GROUPS, _Hessian, gptq_quantize_model, gptq_quantize_weight
 from quant.int4 import Int4WeightOnlyLinear, dequantize, pack_int4, rtn_quantize
-
-
-def reference_gptq(W, H, groupsize, percdamp, act_order, static_groups, sym):
-    """Algorithm 1 of Frantar et al. 2022 written as plainly as possible: fp64, one column at a time, no lazy
-    batching, explicit inverse. Returns q [N, Kp] (original column order), per-column scale and zero [N, Kp]."""
-    W, H = W.double(), H.double()
-    N, K = W.shape
-    g = groupsize
-    Kp = -(-K // g) * g
-    Wp = torch.zeros(N, Kp, dtype=torch.float64)
-    Wp[:, :K] = W
-    Hp = torch.zeros(Kp, Kp, dtype=torch.float64)
-    Hp[:K, :K] = H
-    for i in range(Kp):
-        if Hp[i, i] == 0:
-            Hp[i, i] = 1
-            Wp[:, i] = 0
-    damp = percdamp * Hp.diagonal()[:K].mean()
-
-    def grid(cols):  # min-max grid of the GPTQ reference quantizer, per row
-        lo = cols.min(dim=1).values.clamp(max=0)
-        hi = cols.max(dim=1).values.clamp(min=0)
-        if sym:
-            hi = torch.maximum(hi, -lo)
-            lo = torch.where(lo < 0, -hi, lo)
-        both_zero = (lo == 0) & (hi == 0)
-        lo, hi = torch.where(both_zero, -1.0, lo), torch.where(both_zero, 1.0, hi)
-        scale = (hi - lo) / 15
-        zero = torch.full_like(scale, 8.0) if sym else torch.round(-lo / scale)
-        return scale, zero
-
-    static = [grid(Wp[:, k : k + g]) for k in range(0, Kp, g)]
-    order = torch.argsort(Hp.diagonal(), descending=True, stable=True) if act_order else torch.arange(Kp)
-    Hperm = Hp[order][:, order] + damp * torch.eye(Kp, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.linalg.inv(Hperm)).t()  # H^-1 = U^T U, U upper
-    Wk = Wp[:, order].clone()
-    q_out = torch.zeros(N, Kp, dtype=torch.float64)
-    s_out, z_out = torch.zeros(N, Kp, dtype=torch.float64), torch.zeros(N, Kp, dtype=torch.float64)
-    for j in range(Kp):
-        if static_groups:
-            scale, zero = static[int(order[j]) // g]
-        elif j % g == 0:
-            scale, zero = grid(Wk[:, j : j + g])
-        q = torch.clamp(torch.round(Wk[:, j] / scale) + zero, 0, 15)
-        col = int(order[j])
-        q_out[:, col], s_out[:, col], z_out[:, col] = q, scale, zero
-        e = (Wk[:, j] - (q - zero) * scale) / U[j, j]
-        Wk[:, j:] -= torch.outer(e, U[j, j:])
-    return q_out, s_out, z_out
 
 
 def _correlated_layer(N=48, K=128, n=512, seed=0):
@@ -113,7 +65,7 @@ def test_matches_column_by_column_algorithm(K, g, bs, act_order, static_groups, 
         static_groups=static_groups,
         sym=sym,
     )
-    q_ref, s_ref, z_ref = reference_gptq(W, H, g, 0.01, act_order, static_groups, sym)
+    q_ref, s_ref, z_ref, _ = reference_gptq(W, H, g, 0.01, act_order, static_groups, sym)
     Kp = q_ref.shape[1]
     assert torch.equal(res.q.double(), q_ref)
     scale, zero = _column_params(res, g, Kp)

@@ -67,7 +67,9 @@ def test_messages_format_and_non_incremental_template(tok):
     ids, labels = data.encode_record(tok, rec, OmegaConf.create({"format": "messages"}), False, None)
     assert _split(tok, ids, labels)[1] == "yo</s>\n"
     bad = Tokenizer.bytes()
-    bad.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if not add_generation_prompt %}!{% endif %}"
+    bad.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if not add_generation_prompt %}!{% endif %}"
+    )
     with pytest.raises(ConfigError, match="incrementally"):
         data.chat_segments(bad, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                  {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])  # fmt: skip
@@ -102,7 +104,9 @@ def test_micro_batches_group_by_length_the_same_for_any_world_size():
     one, n1 = data.micro_batches(examples, list(range(8)), 2, rank=0, world=1, pad_id=0)
     assert [x.shape[1] for x, _ in one] == [1, 3, 5, 8]  # sorted by length: little padding
     two = [data.micro_batches(examples, list(range(8)), 2, rank=r, world=2, pad_id=0) for r in (0, 1)]
-    assert [b[0].tolist() for b in one] == [b[0].tolist() for b in (two[0][0][0], two[1][0][0], two[0][0][1], two[1][0][1])]
+    assert [b[0].tolist() for b in one] == [
+        b[0].tolist() for b in (two[0][0][0], two[1][0][0], two[0][0][1], two[1][0][1])
+    ]
     assert n1 == sum(n - 1 for n in (5, 2, 9, 3, 8, 4, 2, 6)) == two[0][1] + two[1][1]
 
 

@@ -19,7 +19,9 @@ from runner.common import ConfigError
 def _data(tmp_path, n=24, same=False):
     path = tmp_path / ("same.jsonl" if same else "data.jsonl")
     k = [0] * n if same else [i % 7 for i in range(n)]
-    recs = [{"instruction": f"count to {k[i]}", "input": "", "output": " ".join("abcdefg"[: k[i] + 1])} for i in range(n)]
+    recs = [
+        {"instruction": f"count to {k[i]}", "input": "", "output": " ".join("abcdefg"[: k[i] + 1])} for i in range(n)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in recs))
     return path
 
@@ -44,7 +46,13 @@ def test_smoke_outputs_load_in_other_stages(compose, tmp_path):
     run = tmp_path / "run"
     rows = _rows(run)
     assert rows[0] == {"step": 0, "finetune/val_loss": rows[0]["finetune/val_loss"]}
-    step_keys = {"finetune/loss", "finetune/lr", "finetune/grad_norm", "finetune/tokens_per_s", "finetune/peak_memory_gb"}
+    step_keys = {
+        "finetune/loss",
+        "finetune/lr",
+        "finetune/grad_norm",
+        "finetune/tokens_per_s",
+        "finetune/peak_memory_gb",
+    }
     assert [r["step"] for r in rows[1:]] == [1, 2] and all(step_keys <= set(r) for r in rows[1:])
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]  # older ones are removed
     state = torch.load(run / "checkpoints/step_000002/train_state.pt", weights_only=True)
@@ -84,7 +92,9 @@ def test_resume_continues_exactly(compose, tmp_path, method):
 
 
 def test_lora_trains_only_the_adapter_and_merges(compose, tmp_path):
-    cfg = _cfg(compose, tmp_path, "task.method=lora", "task.optimizer.lr=1e-2", "task.lora.target_modules=[q_proj,up_proj]")
+    cfg = _cfg(
+        compose, tmp_path, "task.method=lora", "task.optimizer.lr=1e-2", "task.lora.target_modules=[q_proj,up_proj]"
+    )
     finetune.run(cfg)
     run = tmp_path / "run"
     trainable = load_file(run / "checkpoints/step_000002/trainable.safetensors")
@@ -204,7 +214,10 @@ def test_fsdp2_two_processes_match_one_and_resume_anywhere(compose, tmp_path, da
     ddp, single = tmp_path / "ddp0", tmp_path / "single"
     assert not (tmp_path / "ddp1/metrics.jsonl").exists()  # only rank 0 logs and checkpoints
     ckpt = ddp / "checkpoints/step_000002"
-    assert load_file(ckpt / "trainable.safetensors").keys() == load_file(single / "checkpoints/step_000004/trainable.safetensors").keys()
+    assert (
+        load_file(ckpt / "trainable.safetensors").keys()
+        == load_file(single / "checkpoints/step_000004/trainable.safetensors").keys()
+    )
     state = torch.load(ckpt / "train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     shutil.copytree(ckpt, tmp_path / "step2")
