@@ -151,7 +151,7 @@ def reference_driver(model, ids, cfg, chunk):
                     for part in inputs[n].split(chunk):
                         hess.add(part)
                     linear = block.get_submodule(n)
-                    res = gptq_quantize_weight(linear.weight, hess.H, **knobs)
+                    res = gptq_quantize_weight(linear.weight.double(), hess.H.double(), **knobs)  # as on CPU
                     linear.weight.copy_(
                         dequantize(res.q, res.scales, res.zeros, cfg["groupsize"], res.g_idx)[:, : linear.in_features]
                     )
