@@ -55,7 +55,7 @@ def corpus_path(cfg: DictConfig) -> Path:
                 "quantizer.calibration=PATH to a txt/json/jsonl file"
             )
         return p
-    p = data_path(cfg, name)
+    p = data_path(cfg, name, "quantizer.calibration")
     if p.suffix not in SUFFIXES:
         raise ConfigError(
             f"quantizer.calibration={name}: unknown corpus or file type; use one of {', '.join(CORPORA)} "

@@ -165,14 +165,19 @@ def dtype(cfg: DictConfig) -> torch.dtype:
     return DTYPES[cfg.model.dtype]
 
 
-def data_path(cfg: DictConfig, relpath: str) -> Path:
-    """A file under paths.data_dir (absolute paths pass through), with a clear error when it is not there."""
-    p = Path(relpath)
-    if not p.is_absolute():
-        p = Path(cfg.paths.data_dir).expanduser().resolve() / p
+def data_path(cfg: DictConfig, relpath: str, key: str | None = None) -> Path:
+    """A file under paths.data_dir (absolute paths pass through), with a clear error when it is not there.
+    `key` names the config key the path came from, for the error."""
+    p = Path(relpath).expanduser()
+    given = f" ({key}={relpath})" if key else ""
+    if p.is_absolute():
+        if not p.exists():
+            raise ConfigError(f"{p}: data file not found{given}; fix the path")
+        return p
+    p = Path(cfg.paths.data_dir).expanduser().resolve() / p
     if not p.exists():
         raise ConfigError(
-            f"{p}: data file not found; point paths.data_dir at the data root (now {cfg.paths.data_dir}) "
+            f"{p}: data file not found{given}; point paths.data_dir at the data root (now {cfg.paths.data_dir}) "
             "or set LMRUNNER_DATA_DIR"
         )
     return p

@@ -109,7 +109,7 @@ def load_examples(cfg: DictConfig, tok: Tokenizer) -> tuple[list[Example], list[
         raise ConfigError(f"data.format={data.format!r} is unknown; valid: {', '.join(FORMATS)}")
     if data.path is None:
         raise ConfigError(f"data={data.name} needs data.path=FILE (absolute or under paths.data_dir)")
-    path = data_path(cfg, data.path)
+    path = data_path(cfg, data.path, "data.path")
     seq = t.max_seq_len
     if data.format == "text":
         ids = tok.encode(path.read_text(encoding="utf-8"))
