@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import Clock, log, machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 from lm_eval import simple_evaluate  # noqa: E402 - after the path setup above
 from lm_eval.api.model import LM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -76,17 +76,6 @@ def _config(overrides: list[str]):
         return compose("config", overrides=["task=eval", *overrides])
 
 
-class _Clock:
-    """Wall seconds and this process's CPU seconds (all threads)."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
 class _Timed(LM):
     """Another lm-eval model with its calls timed: the model's work only, not lm-eval's task building."""
 
@@ -95,7 +84,7 @@ class _Timed(LM):
         self.lm, self.wall, self.cpu = lm, 0.0, 0.0
 
     def _call(self, method: str, requests):
-        with _Clock() as clock:
+        with Clock() as clock:
             out = getattr(self.lm, method)(requests)
         self.wall, self.cpu = self.wall + clock.wall, self.cpu + clock.cpu
         return out
@@ -129,17 +118,6 @@ class _HFLogits(torch.nn.Module):
 
     def forward(self, ids):
         return self.model(ids).logits
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
 
 
 def _scores(results: dict, task: str) -> dict[str, float]:
@@ -205,13 +183,7 @@ def main() -> None:
             "seed": seed,
             "overrides": a.overrides,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "loadavg_start": os.getloadavg(),
-        },
+        "machine": machine(),
         "backends": {name: {"tasks": {}} for name in backends},
     }
     tokens = {}
@@ -247,11 +219,11 @@ def main() -> None:
                 "tokens_per_cpu_s": tokens[task] / timed.cpu,
             }
             result["backends"][name]["tasks"][task] = rec
-            _log(f"{task} {name}: {json.dumps(rec)}")
-            _write(a.out, result)  # after every task, so an interrupted run keeps what it measured
+            log(f"{task} {name}: {json.dumps(rec)}")
+            write_json(a.out, result)  # after every task, so an interrupted run keeps what it measured
     seqlen = cfg.task.ppl_seqlen
     for name, m in ppl_models.items():
-        with _Clock() as clock, torch.no_grad():
+        with Clock() as clock, torch.no_grad():
             ppl, n = common.perplexity(m, tok, text, seqlen, a.ppl_windows, cfg.task.ppl_batch_size)
         result["backends"][name]["wikitext2_ppl"] = {
             "ppl": ppl,
@@ -260,7 +232,7 @@ def main() -> None:
             "cpu_seconds": clock.cpu,
             "tokens_per_s": n * seqlen / clock.wall,
         }
-        _log(f"wikitext2_ppl {name}: {result['backends'][name]['wikitext2_ppl']}")
+        log(f"wikitext2_ppl {name}: {result['backends'][name]['wikitext2_ppl']}")
 
     ours, hf = result["backends"]["ours"], result["backends"]["hf"]
     comparison = {task: _compare(ours["tasks"][task]["scores"], hf["tasks"][task]["scores"]) for task in a.tasks}
@@ -297,7 +269,7 @@ def main() -> None:
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_s"] = time.time() - started
-    _write(a.out, result)
+    write_json(a.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,8 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _common import Clock, log, machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 
 sys.path.insert(0, str(REPO / "tests" / "quant"))
 
@@ -104,18 +105,6 @@ def _ppl(cfg, model, tok, text) -> tuple[float, int]:
     return common.perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
 
 
-class _Clock:
-    """Wall seconds and this process's CPU seconds (all threads). On a shared machine the CPU seconds divided by
-    the thread count estimate the wall time the same work takes on an idle one."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
 @torch.no_grad()
 def _forward(model, calib: torch.Tensor, passes: int) -> None:
     dev = next(model.parameters()).device
@@ -143,10 +132,6 @@ def _reference_weight(W, H, *, groupsize, blocksize, percdamp, act_order, static
     )
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def _targets(result: dict, groupsizes: list[int]) -> dict:
     floor_wall, floor_cpu = result["floor_two_forward_s"], result["floor_two_forward_cpu_s"]
     targets = {}
@@ -172,10 +157,7 @@ def _targets(result: dict, groupsizes: list[int]) -> dict:
 
 def _write(path: Path, result: dict, groupsizes: list[int]) -> None:
     result["targets"] = _targets(result, groupsizes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result)
 
 
 def main() -> None:
@@ -206,24 +188,18 @@ def main() -> None:
             },
             "overrides": a.overrides,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "loadavg_start": os.getloadavg(),
-        },
+        "machine": machine(),
         "runs": [],
     }
-    _log(f"calibration {tuple(calib.shape)}; timing two forward passes of the float model")
+    log(f"calibration {tuple(calib.shape)}; timing two forward passes of the float model")
     result["floor_two_forward_s"] = result["floor_two_forward_cpu_s"] = None
     if not a.skip_floor:
-        with _Clock() as floor:
+        with Clock() as floor:
             _forward(float_model, calib, passes=2)
         result["floor_two_forward_s"], result["floor_two_forward_cpu_s"] = floor.wall, floor.cpu
     ppl, n = _ppl(cfg, float_model, tok, text)
     result["ppl_float"], result["ppl_windows_scored"] = ppl, n
-    _log(f"float ppl {ppl:.4f} over {n} windows; floor {result['floor_two_forward_s']} s wall")
+    log(f"float ppl {ppl:.4f} over {n} windows; floor {result['floor_two_forward_s']} s wall")
 
     act_orders = {"both": [False, True], "on": [True], "off": [False]}[a.act_order]
     both_at = set(a.both_at or [])
@@ -234,7 +210,7 @@ def main() -> None:
         plans += [("gptq", {**base, "groupsize": g, "act_order": ao}, ao) for ao in orders]
         for method, qcfg, act_order in plans:
             model = copy.deepcopy(float_model)
-            with _Clock() as clock:
+            with Clock() as clock:
                 quantize_model(model, qcfg, calib if method == "gptq" else None)
             ppl, _ = _ppl(cfg, model, tok, text)
             run = {
@@ -246,7 +222,7 @@ def main() -> None:
                 "cpu_seconds": clock.cpu,
             }
             result["runs"].append(run)
-            _log(json.dumps(run))
+            log(json.dumps(run))
             _write(a.out, result, a.groupsizes)  # after every run, so an interrupted grid keeps what it measured
             del model
 
@@ -270,11 +246,11 @@ def main() -> None:
         else:
             labels.insert(0, ("ours_fp32", fast))
         for label, fn in labels:
-            _log(f"reference check: {label}, groupsize {g}, act-order on")
+            log(f"reference check: {label}, groupsize {g}, act-order on")
             model = copy.deepcopy(float_model)
             gptq.gptq_quantize_weight = fn
             try:
-                with _Clock() as clock:
+                with Clock() as clock:
                     quantize_model(model, qcfg, calib)
             finally:
                 gptq.gptq_quantize_weight = fast
@@ -286,7 +262,7 @@ def main() -> None:
             ref[f"relative_difference_{label}"] = rel
             ref[f"within_1_percent_{label}"] = rel <= 0.01
         result["reference"] = ref
-        _log(json.dumps(ref))
+        log(json.dumps(ref))
         _write(a.out, result, a.groupsizes)
 
     result["machine"]["loadavg_end"] = os.getloadavg()
