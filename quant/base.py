@@ -14,7 +14,7 @@ exactly these keys (`PARAMS`; an unknown or missing key is an error, so a typo c
     int4_wo   groupsize, sym             Round-to-nearest group-wise uint4 (quant/int4.py). ~3.5x smaller than
                                          bf16 at groupsize 128; smaller groups: more accurate, more scale storage.
     gptq      groupsize, sym, blocksize, percdamp, act_order, static_groups, true_sequential,
-              nsamples, seqlen, calibration, seed
+              nsamples, seqlen, calibration, sampling, seed
                                          GPTQ (quant/gptq.py), same int4 storage as int4_wo. Needs calibration
                                          token ids [nsamples, seqlen] (the runner builds them from `calibration`
                                          with `seed`). act_order helps most on outlier-heavy layers; without
@@ -66,6 +66,7 @@ PARAMS: dict[str, tuple[str, ...]] = {
         "nsamples",
         "seqlen",
         "calibration",
+        "sampling",
         "seed",
     ),
 }

@@ -9,10 +9,12 @@
 - any other value: a `.txt`, `.json` (array) or `.jsonl` file, absolute or under `paths.data_dir`. A json record is
   its `text` field when it has one, else its string fields joined by newlines; a plain string is itself.
 
-The documents are joined with blank lines and tokenized once, without BOS; each window starts at a uniformly random
-token offset drawn from a torch generator seeded with `quantizer.seed`, so windows may overlap and may cross
-document boundaries (the 300-document C4 sample is shorter than most documents' 2048-token need, which rules out
-the reference's one-window-per-long-document sampling).
+`quantizer.sampling` picks how the windows are drawn (a torch generator seeded with `quantizer.seed`, no BOS):
+- `corpus`: the documents are joined with blank lines and tokenized once; each window starts at a uniformly random
+  token offset, so windows may overlap and may cross document boundaries.
+- `document`: the GPTQ reference's C4 sampler: each window lies inside one document, drawn uniformly among those
+  longer than `seqlen` tokens, at a uniformly random offset. A txt file is one document. Of the C4 sample's 300
+  documents, 13 are longer than 2048 tokens (SmolLM2's tokenizer), so at seqlen 2048 the windows repeat documents.
 
 The windows are cached under `paths.cache_dir/calibration/` keyed by the tokenizer, the corpus bytes, nsamples,
 seqlen and seed, so the jobs of a sweep tokenize and sample once.
@@ -41,6 +43,7 @@ CORPORA = {
     "tinyshakespeare": "tinyshakespeare/input.txt",
 }
 SUFFIXES = (".txt", ".raw", ".json", ".jsonl")
+SAMPLING = ("corpus", "document")
 
 
 def corpus_path(cfg: DictConfig) -> Path:
@@ -74,11 +77,11 @@ def _record_text(record, path: Path) -> str:
     raise ConfigError(f"{path}: calibration records must be strings or objects, got {type(record).__name__}")
 
 
-def read_corpus(path: Path) -> str:
-    """The whole corpus as one string: documents joined by blank lines."""
+def read_documents(path: Path) -> list[str]:
+    """The corpus's documents: the records of a json/jsonl file, or a txt file whole."""
     raw = path.read_text(encoding="utf-8")
     if path.suffix in (".txt", ".raw"):
-        return raw
+        return [raw]
     try:
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in raw.splitlines() if line.strip()]
@@ -88,7 +91,12 @@ def read_corpus(path: Path) -> str:
         raise ConfigError(f"{path}: not valid {path.suffix[1:]} ({e}); fix the file or use a .txt corpus") from e
     if not isinstance(records, list):
         raise ConfigError(f"{path}: a .json calibration file must hold an array of records")
-    return "\n\n".join(t for t in (_record_text(r, path) for r in records) if t)
+    return [t for t in (_record_text(r, path) for r in records) if t]
+
+
+def read_corpus(path: Path) -> str:
+    """The whole corpus as one string: documents joined by blank lines."""
+    return "\n\n".join(read_documents(path))
 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -96,6 +104,19 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)  # [N]
     return ids[starts[:, None] + torch.arange(seqlen)]  # [N, T]
+
+
+def sample_document_windows(docs: list[torch.Tensor], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows [N, T], each inside one of `docs` (token ids [L_i]) longer than `seqlen`: the document
+    uniformly among those, the offset uniformly within it (the GPTQ reference's C4 sampler)."""
+    long_docs = [d for d in docs if d.numel() > seqlen]
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(nsamples, seqlen, dtype=torch.long)
+    for n in range(nsamples):
+        d = long_docs[int(torch.randint(len(long_docs), (), generator=g))]
+        start = int(torch.randint(d.numel() - seqlen, (), generator=g))
+        out[n] = d[start : start + seqlen]
+    return out
 
 
 def _sha256(data: bytes) -> str:
@@ -107,6 +128,8 @@ def calibration_windows(cfg: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
     q = cfg.quantizer
     if q.nsamples < 1 or q.seqlen < 2:
         raise ConfigError(f"quantizer.nsamples={q.nsamples}, quantizer.seqlen={q.seqlen}: need nsamples>=1, seqlen>=2")
+    if q.sampling not in SAMPLING:
+        raise ConfigError(f"quantizer.sampling={q.sampling}: use one of {', '.join(SAMPLING)}")
     path = corpus_path(cfg)
     key = {
         "tokenizer": _sha256(tokenizer.tok.to_str().encode()),
@@ -114,20 +137,40 @@ def calibration_windows(cfg: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
         "nsamples": q.nsamples,
         "seqlen": q.seqlen,
         "seed": q.seed,
+        "sampling": q.sampling,
     }
     cache = Path(cfg.paths.cache_dir).expanduser() / "calibration" / f"{_sha256(json.dumps(key).encode())}.safetensors"
     if cache.is_file():
         log.info("calibration windows from cache %s", cache)
         return load_file(str(cache))["input_ids"]
-    ids = torch.tensor(tokenizer.encode(read_corpus(path), bos=False), dtype=torch.long)  # [L]
-    if ids.numel() < q.seqlen:
-        raise ConfigError(
-            f"{path}: {ids.numel()} tokens, fewer than quantizer.seqlen={q.seqlen}; use a longer corpus or lower seqlen"
-        )
-    windows = sample_windows(ids, q.nsamples, q.seqlen, q.seed)
+    if q.sampling == "document":
+        docs = [torch.tensor(tokenizer.encode(d, bos=False), dtype=torch.long) for d in read_documents(path)]
+        if not any(d.numel() > q.seqlen for d in docs):
+            raise ConfigError(
+                f"{path}: no document is longer than quantizer.seqlen={q.seqlen} tokens; lower quantizer.seqlen or "
+                "use quantizer.sampling=corpus"
+            )
+        windows = sample_document_windows(docs, q.nsamples, q.seqlen, q.seed)
+        n_tokens = sum(d.numel() for d in docs)
+    else:
+        ids = torch.tensor(tokenizer.encode(read_corpus(path), bos=False), dtype=torch.long)  # [L]
+        if ids.numel() < q.seqlen:
+            raise ConfigError(
+                f"{path}: {ids.numel()} tokens, fewer than quantizer.seqlen={q.seqlen}; use a longer corpus or lower "
+                "seqlen"
+            )
+        windows = sample_windows(ids, q.nsamples, q.seqlen, q.seed)
+        n_tokens = ids.numel()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     save_file({"input_ids": windows}, str(tmp), metadata={k: str(v) for k, v in key.items()} | {"path": str(path)})
     tmp.replace(cache)
-    log.info("calibration: %d windows of %d tokens from %s (%d tokens)", q.nsamples, q.seqlen, path, ids.numel())
+    log.info(
+        "calibration: %d windows of %d tokens from %s (%d tokens, sampling=%s)",
+        q.nsamples,
+        q.seqlen,
+        path,
+        n_tokens,
+        q.sampling,
+    )
     return windows

@@ -40,6 +40,7 @@ def gptq_cfg(**overrides) -> dict:
         nsamples=8,
         seqlen=32,
         calibration="test",
+        sampling="corpus",
         seed=0,
     )
     cfg.update(overrides)

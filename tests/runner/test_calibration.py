@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.tokenizer import Tokenizer
-from runner.calibration import calibration_windows, read_corpus, sample_windows
+from runner.calibration import calibration_windows, read_corpus, sample_document_windows, sample_windows
 from runner.common import ConfigError
 
 
@@ -34,6 +34,29 @@ def test_sample_windows_are_seeded_slices_of_the_corpus():
 def test_a_corpus_of_exactly_one_window_gives_that_window():
     ids = torch.arange(64)
     assert torch.equal(sample_windows(ids, 3, 64, seed=0), ids.expand(3, 64))
+
+
+def test_document_windows_lie_inside_one_long_document():
+    # Documents as disjoint id ranges: doc d holds d*1000 .. d*1000 + len - 1.
+    lengths = [30, 120, 64, 200, 65]
+    docs = [torch.arange(d * 1000, d * 1000 + n) for d, n in enumerate(lengths)]
+    w = sample_document_windows(docs, nsamples=40, seqlen=64, seed=0)
+    assert w.shape == (40, 64)
+    assert torch.equal(w[:, 1:] - w[:, :-1], torch.ones(40, 63, dtype=torch.long))  # never crosses a document
+    used = set((w[:, 0] // 1000).tolist())
+    assert used <= {1, 3, 4} and len(used) > 1  # only documents longer than seqlen (64 itself is not)
+    assert torch.equal(w, sample_document_windows(docs, 40, 64, seed=0))
+    assert not torch.equal(w, sample_document_windows(docs, 40, 64, seed=1))
+
+
+def test_document_sampling_needs_a_document_longer_than_a_window(gptq_cfg, tmp_path):
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": "x" * 40}) for _ in range(10)))
+    base = [f"quantizer.calibration={tmp_path / 'docs.jsonl'}", "quantizer.seqlen=64", "quantizer.nsamples=2"]
+    assert calibration_windows(gptq_cfg(*base), Tokenizer.bytes()).shape == (2, 64)  # corpus sampling joins them
+    with pytest.raises(ConfigError, match=r"docs\.jsonl: no document is longer than quantizer\.seqlen=64"):
+        calibration_windows(gptq_cfg(*base, "quantizer.sampling=document"), Tokenizer.bytes())
+    with pytest.raises(ConfigError, match=r"quantizer\.sampling=random: use one of corpus, document"):
+        calibration_windows(gptq_cfg(*base, "quantizer.sampling=random"), Tokenizer.bytes())
 
 
 @pytest.mark.parametrize("corpus", ["c4", "alpaca", "tinyshakespeare"])
