@@ -9,10 +9,14 @@ the code its HF backend (`HFLM`) runs as well, so both split a request into the 
 
 `loglikelihood` scores as HFLM does: the model reads `(context + continuation)[-(max_length + 1):][:-1]` and each
 continuation token is scored by the logits one position before it. What differs is the work done for it:
-- Requests with the same (truncated) context, such as the choices of one multiple-choice question, share one row:
+- Requests with the same (truncated) context, such as the choices of one multiple-choice question, form one unit:
   the context once, then each continuation minus its last token, with positions restarting after the context and
   a block mask so each continuation sees only the context and itself. The context's last position scores the first
   token of every continuation. A 4-choice question computes its context once instead of 4 times.
+- Units are packed into rows (`_pack`: longest first, then the longest that still fits) of about the longest
+  unit's length (at least `_PACK_MIN_TOKENS`); the mask also keeps units apart and positions restart per unit.
+  Rows then need almost no padding: on 50 PIQA questions, 50% of the computed tokens were padding with one unit
+  per row.
 - The output head and log-softmax run only at scored positions, in chunks (fp32), never over [B, T, vocab].
 - Rows are sorted longest first, so batches pad little and an out-of-memory error comes at once.
 `loglikelihood_rolling` cuts each text into lm-eval's disjoint windows of `max_length` tokens (each token scored
@@ -22,6 +26,7 @@ sampler (runner.generate.generate) in batches, honouring `until`, `max_gen_toks`
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 
@@ -38,11 +43,34 @@ log = logging.getLogger(__name__)
 
 # Output-head positions per chunk: bounds the fp32 [positions, vocab] logits to about 128 MiB at any vocabulary size.
 _HEAD_CHUNK_ELEMENTS = 2**25
+# Packed rows hold at least this many tokens (when the units allow): short units share a row instead of each being
+# padded to the batch's longest. Masked attention over a row costs about row length per token, so rows stay short.
+_PACK_MIN_TOKENS = 256
+
+
+def _pack(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Units (by length) into rows of at most max(longest unit, _PACK_MIN_TOKENS) tokens (capped at max_length):
+    each row starts with the longest unit left and repeatedly adds the longest one that still fits."""
+    if not lengths:
+        return []
+    cap = min(max_length, max(max(lengths), _PACK_MIN_TOKENS))
+    left = sorted((n, u) for u, n in enumerate(lengths))  # ascending
+    rows = []
+    while left:
+        n, u = left.pop()
+        row, space = [u], cap - n
+        while left and left[0][0] <= space:
+            j = bisect.bisect_right(left, (space, len(lengths))) - 1
+            n, u = left.pop(j)
+            row.append(u)
+            space -= n
+        rows.append(row)
+    return rows
 
 
 class LMEvalModel(TemplateLM):
-    """lm-eval model over `model` and `tokenizer`. `batch_size` counts rows: a row holds one context and all the
-    continuations that share it (or one rolling window, or one prompt to generate from); a scoring forward also
+    """lm-eval model over `model` and `tokenizer`. `batch_size` counts rows: a row holds one or more contexts, each
+    with the continuations that share it (or one rolling window, or one prompt to generate from); a scoring forward also
     stays within `max_length` padded tokens. `max_length` None is the
     model's max_position_embeddings, as HFLM takes it from config.json. `info` lands in lm-eval's results config."""
 
@@ -112,8 +140,9 @@ class LMEvalModel(TemplateLM):
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], pack: bool, desc: str, disable: bool):
         L = self.max_length
+        # A unit is one context and the continuations that share it: (context tokens, request indices).
         groups: dict[tuple[int, ...], list[int]] = {}
-        rows: list[tuple[tuple[int, ...], list[int]]] = []  # (context tokens, indices of the continuations)
+        units: list[tuple[tuple[int, ...], list[int]]] = []
         for i, (ctx, cont) in enumerate(pairs):
             if not 0 < len(cont) <= L:
                 raise ValueError(f"a continuation of {len(cont)} tokens cannot be scored with max_length={L}")
@@ -122,63 +151,77 @@ class LMEvalModel(TemplateLM):
             if pack:
                 groups.setdefault(key, []).append(i)
             else:
-                rows.append((key, [i]))
-        for key, idxs in groups.items():  # split a group whose packed row would outgrow max_length
-            row, n = [], len(key)
+                units.append((key, [i]))
+        for key, idxs in groups.items():  # split a group whose unit would outgrow max_length
+            unit, n = [], len(key)
             for i in idxs:
-                if row and n + len(pairs[i][1]) - 1 > L:
-                    rows.append((key, row))
-                    row, n = [], len(key)
-                row.append(i)
+                if unit and n + len(pairs[i][1]) - 1 > L:
+                    units.append((key, unit))
+                    unit, n = [], len(key)
+                unit.append(i)
                 n += len(pairs[i][1]) - 1
-            rows.append((key, row))
+            units.append((key, unit))
 
-        def length(row) -> int:
-            return len(row[0]) + sum(len(pairs[i][1]) - 1 for i in row[1])
+        def length(unit) -> int:
+            return len(unit[0]) + sum(len(pairs[i][1]) - 1 for i in unit[1])
 
-        rows.sort(key=lambda row: -length(row))
+        rows = _pack([length(u) for u in units], L) if pack else [[u] for u in range(len(units))]
+        rows = [[units[u] for u in row] for row in rows]
+        row_len = [sum(length(u) for u in row) for row in rows]
+        order = sorted(range(len(rows)), key=lambda r: -row_len[r])
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         with tqdm(total=len(pairs), desc=desc, disable=disable) as bar:
             s = 0
-            while s < len(rows):
+            while s < len(order):
                 # At most batch_size rows and max_length padded tokens: long rows (rolling windows) then go one or
                 # a few at a time, which bounds memory and wastes no compute on padding a short row to a long one.
-                T = length(rows[s])
-                batch = rows[s : s + max(1, min(self.batch_size, L // T))]
+                T = row_len[order[s]]
+                batch = [rows[r] for r in order[s : s + max(1, min(self.batch_size, L // T))]]
                 for i, result in self._score_rows(batch, pairs, T):
                     out[i] = result
-                bar.update(sum(len(r[1]) for r in batch))
+                bar.update(sum(len(u[1]) for row in batch for u in row))
                 s += len(batch)
         return out
 
     @torch.no_grad()
     def _score_rows(self, rows, pairs, T: int):
-        """Yield (request index, (logprob, is_greedy)) for the requests packed in `rows` (padded to T tokens)."""
+        """Yield (request index, (logprob, is_greedy)) for the requests in `rows` (each a list of units, padded
+        to T tokens). A unit is laid out as its context, then each continuation minus its last token, with
+        positions restarting at 0 for the unit and again after the context for each continuation."""
         B = len(rows)
         ids = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
-        seg = torch.full((B, T), -1, dtype=torch.long)  # 0 = context, k = k-th continuation, -1 = padding
+        unit_of = torch.full((B, T), -1, dtype=torch.long)  # unit number within the row; -1 = padding
+        seg = torch.full((B, T), -1, dtype=torch.long)  # 0 = context, k = k-th continuation of the unit
         q_row, q_col, target, spans = [], [], [], []
-        for b, (ctx, idxs) in enumerate(rows):
-            c = len(ctx)
-            ids[b, :c], pos[b, :c], seg[b, :c] = torch.tensor(ctx), torch.arange(c), 0
-            off = c
-            for k, i in enumerate(idxs, 1):
-                cont = pairs[i][1]
-                n = len(cont) - 1  # the last continuation token is only predicted, never read
-                ids[b, off : off + n] = torch.tensor(cont[:-1], dtype=torch.long)
-                pos[b, off : off + n] = torch.arange(c, c + n)
-                seg[b, off : off + n] = k
-                spans.append((i, len(target), len(target) + n + 1))
-                q_row += [b] * (n + 1)
-                q_col += [c - 1, *range(off, off + n)]
-                target += cont
-                off += n
+        masked = False
+        for b, row in enumerate(rows):
+            off = 0
+            masked |= len(row) > 1
+            for u, (ctx, idxs) in enumerate(row):
+                c = len(ctx)
+                masked |= len(idxs) > 1
+                ids[b, off : off + c], pos[b, off : off + c] = torch.tensor(ctx, dtype=torch.long), torch.arange(c)
+                unit_of[b, off : off + c], seg[b, off : off + c] = u, 0
+                last_ctx = off + c - 1  # scores the first token of every continuation
+                off += c
+                for k, i in enumerate(idxs, 1):
+                    cont = pairs[i][1]
+                    n = len(cont) - 1  # the last continuation token is only predicted, never read
+                    ids[b, off : off + n] = torch.tensor(cont[:-1], dtype=torch.long)
+                    pos[b, off : off + n] = torch.arange(c, c + n)
+                    unit_of[b, off : off + n], seg[b, off : off + n] = u, k
+                    spans.append((i, len(target), len(target) + n + 1))
+                    q_row += [b] * (n + 1)
+                    q_col += [last_ctx, *range(off, off + n)]
+                    target += cont
+                    off += n
         mask = None
-        if any(len(idxs) > 1 for _, idxs in rows):
+        if masked:
             causal = torch.ones(T, T, dtype=torch.bool).tril()
-            visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # [B, T(query), T(key)]
-            # Every row sees itself (a padded query with nothing visible would make SDPA return NaN).
+            same_unit = unit_of[:, None, :] == unit_of[:, :, None]  # [B, T(query), T(key)]
+            visible = same_unit & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+            # Every position sees itself (a padded query with nothing visible would make SDPA return NaN).
             mask = ((causal & visible) | torch.eye(T, dtype=torch.bool))[:, None].to(self._device)  # [B, 1, T, T]
 
         m = self.model

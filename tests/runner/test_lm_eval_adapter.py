@@ -16,7 +16,7 @@ from tokenizers.processors import TemplateProcessing
 from models.checkpoint import load_checkpoint
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
-from runner.lm_eval_adapter import LMEvalModel
+from runner.lm_eval_adapter import LMEvalModel, _pack
 
 MAX_LEN = 256  # the tiny model's max_position_embeddings: long requests exercise left truncation and windows
 
@@ -135,6 +135,38 @@ def test_greedy_flag_and_packed_scores_equal_a_plain_forward(pair):
         assert lp == pytest.approx(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
         assert is_greedy == (cont == greedy[: len(cont)])
     assert got[0][1] and not got[1][1]
+
+
+def test_pack_fills_rows_up_to_the_longest_unit_or_the_minimum():
+    lengths = [200, 100, 100, 50, 30, 7]
+    rows = _pack(lengths, max_length=1000)  # cap max(200, 256) = 256
+    assert sorted(u for row in rows for u in row) == list(range(len(lengths)))
+    assert all(sum(lengths[u] for u in row) <= 256 for row in rows)
+    assert [sorted(row) for row in rows] == [[0, 3], [1, 2, 4, 5]]  # longest first, then the longest that still fits
+    assert [sorted(row) for row in _pack([300, 20, 20], max_length=128)] == [[0], [1, 2]]  # a unit longer than the cap has a row alone
+    assert _pack([], 100) == []
+
+
+def test_units_packed_in_one_row_score_as_separate_forwards(pair):
+    """Two contexts with their continuations in one row: each continuation scores as a plain forward of its own
+    context + continuation (the mask keeps the units apart, positions restart per unit)."""
+    model, _, _ = pair
+    lm = _ours(pair)
+    requests = [([5, 70, 71], [80, 81]), ([5, 70, 71], [90]), ([6, 40, 41, 42, 43], [50, 51, 52])]
+    seen = []
+    score_rows = lm._score_rows
+
+    def spy(rows, pairs, T):
+        seen.append([len(row) for row in rows])
+        return score_rows(rows, pairs, T)
+
+    lm._score_rows = spy
+    got = lm._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in requests])
+    assert seen == [[2]]  # one forward, one row, two units
+    for (ctx, cont), (lp, _) in zip(requests, got, strict=True):
+        with torch.no_grad():
+            logp = model(torch.tensor([ctx + cont]))[0, len(ctx) - 1 : -1].log_softmax(-1)
+        assert lp == pytest.approx(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-4)
 
 
 def test_generate_until_matches_hflm_and_honours_until(pair):
