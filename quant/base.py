@@ -77,6 +77,8 @@ def describe(qcfg: Mapping) -> dict:
     name = qcfg["name"] if "name" in qcfg else None
     if name not in PARAMS:
         raise ValueError(f"quantizer.name={name!r} is not one of {sorted(PARAMS)}")
+    if name == "gptq" and "sampling" not in qcfg:
+        qcfg = {**qcfg, "sampling": "corpus"}  # quantizer.json written before the key existed: corpus sampling
     keys = set(qcfg) - {"name"}
     missing, unknown = sorted(set(PARAMS[name]) - keys), sorted(keys - set(PARAMS[name]))
     if missing or unknown:
@@ -89,6 +91,8 @@ def describe(qcfg: Mapping) -> dict:
     for key in ("blocksize", "nsamples", "seqlen"):
         if key in record and (not isinstance(record[key], int) or record[key] <= 0):
             raise ValueError(f"quantizer.{key}={record[key]!r} must be a positive integer")
+    if "sampling" in record and record["sampling"] not in ("corpus", "document"):
+        raise ValueError(f"quantizer.sampling={record['sampling']!r} must be corpus or document")
     if "percdamp" in record and not record["percdamp"] >= 0:
         raise ValueError(f"quantizer.percdamp={record['percdamp']!r} must be >= 0 (the reference uses 0.01)")
     return record

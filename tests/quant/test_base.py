@@ -29,6 +29,8 @@ def test_describe_records_exactly_the_knobs():
     rec = describe(gptq_cfg())
     assert list(rec) == ["name", *PARAMS["gptq"]]
     assert json.loads(json.dumps(rec)) == rec
+    old = {k: v for k, v in gptq_cfg().items() if k != "sampling"}  # a quantizer.json from before the key
+    assert describe(old) == rec
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,7 @@ def test_describe_records_exactly_the_knobs():
         ({"name": "int4_wo", "groupsize": 33, "sym": False}, "positive even"),
         (gptq_cfg(blocksize=0), "blocksize"),
         (gptq_cfg(percdamp=-0.1), "percdamp"),
+        (gptq_cfg(sampling="random"), "sampling"),
     ],
 )
 def test_describe_rejects_bad_configs(qcfg, message):

@@ -142,8 +142,10 @@ def test_pack_fills_rows_up_to_the_longest_unit_or_the_minimum():
     rows = _pack(lengths, max_length=1000)  # cap max(200, 256) = 256
     assert sorted(u for row in rows for u in row) == list(range(len(lengths)))
     assert all(sum(lengths[u] for u in row) <= 256 for row in rows)
-    assert [sorted(row) for row in rows] == [[0, 3], [1, 2, 4, 5]]  # longest first, then the longest that still fits
-    assert [sorted(row) for row in _pack([300, 20, 20], max_length=128)] == [[0], [1, 2]]  # a unit longer than the cap has a row alone
+    # longest first, then the longest that still fits
+    assert [sorted(row) for row in rows] == [[0, 3], [1, 2, 4, 5]]
+    # a unit longer than the cap has a row to itself
+    assert [sorted(row) for row in _pack([300, 20, 20], max_length=128)] == [[0], [1, 2]]
     assert _pack([], 100) == []
 
 
