@@ -173,10 +173,14 @@ class LMEvalModel(TemplateLM):
         with tqdm(total=len(pairs), desc=desc, disable=disable) as bar:
             s = 0
             while s < len(order):
-                # At most batch_size rows and max_length padded tokens: long rows (rolling windows) then go one or
-                # a few at a time, which bounds memory and wastes no compute on padding a short row to a long one.
+                # At most batch_size rows and max_length padded tokens (long rows such as rolling windows go one or
+                # a few at a time, which bounds memory), and no row padded by more than 1/8 of its length (rows
+                # are sorted, so that only cuts a batch where lengths are sparse, e.g. a few documents).
                 T = row_len[order[s]]
-                batch = [rows[r] for r in order[s : s + max(1, min(self.batch_size, L // T))]]
+                n = 1
+                while n < min(self.batch_size, L // T) and s + n < len(order) and 8 * row_len[order[s + n]] >= 7 * T:
+                    n += 1
+                batch = [rows[r] for r in order[s : s + n]]
                 for i, result in self._score_rows(batch, pairs, T):
                     out[i] = result
                 bar.update(sum(len(u[1]) for row in batch for u in row))
