@@ -9,7 +9,7 @@
 Each `--plan NAME [override ...]` is one run from the float model: Hydra overrides on top of `task=quantize
 quantizer=gptq` (so a plan with no overrides is the main job's quantizer), plus `solve=float32|float64` for the
 dtype of GPTQ's per-layer solve on CPU (quant.gptq._SOLVE_DTYPE). The float model's perplexity is scored once.
-Written: the JSON given by --out, rewritten after every run: windows, float ppl, per run its quantizer config,
+Written: the JSON given by --out, rewritten after every run: windows scored, float ppl (unless --skip-float), per run its quantizer config,
 seconds and ppl.
 """
 
@@ -37,8 +37,9 @@ from runner.calibration import calibration_windows  # noqa: E402
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", nargs="+", action="append", required=True, metavar="NAME [OVERRIDE ...]")
-    p.add_argument("--windows", type=int, default=16, help="first N WikiText-2 windows of 2048 tokens")
+    p.add_argument("--windows", type=int, default=16, help="first N WikiText-2 windows of 2048 tokens (0: all)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-float", action="store_true", help="do not score the float model (saves one scoring pass)")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
 
@@ -46,7 +47,8 @@ def _args() -> argparse.Namespace:
 def _config(windows: int, overrides: list[str]):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(
-            "config", overrides=["task=quantize", "quantizer=gptq", f"task.ppl_windows={windows}", *overrides]
+            "config",
+            overrides=["task=quantize", "quantizer=gptq", f"task.ppl_windows={windows or 'null'}", *overrides],
         )
 
 
@@ -58,11 +60,19 @@ def main() -> None:
     model, tok = common.load_model(base, apply_quantizer=False)
     text = common.wikitext2_test_text(base)
 
+    scored = {}
+
     def ppl(m) -> float:
         t = base.task
-        return common.perplexity(m, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)[0]
+        value, scored["windows"] = common.perplexity(m, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+        return value
 
-    result = {"windows": a.windows, "torch_threads": torch.get_num_threads(), "ppl_float": ppl(model), "runs": []}
+    result = {
+        "windows": a.windows,
+        "torch_threads": torch.get_num_threads(),
+        "ppl_float": None if a.skip_float else ppl(model),
+        "runs": [],
+    }
     for name, *over in a.plan:
         solve = [o.split("=", 1)[1] for o in over if o.startswith("solve=")]
         cfg = _config(a.windows, [o for o in over if not o.startswith("solve=")])
@@ -78,6 +88,7 @@ def main() -> None:
         finally:
             gptq._SOLVE_DTYPE = default
         run = {"name": name, "overrides": over, "quantizer": q, "seconds": seconds, "ppl": ppl(m)}
+        result["windows"] = scored["windows"]
         result["runs"].append(run)
         print(json.dumps({k: run[k] for k in ("name", "seconds", "ppl")}), file=sys.stderr, flush=True)
         a.out.write_text(json.dumps(result, indent=2))
