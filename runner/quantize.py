@@ -156,13 +156,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
     metrics: dict[str, float] = {"quantize/float_bytes": float(_tensor_bytes(model))}
 
+    # Calibration first: a problem with its data stops the run before the float model is scored.
+    calib = calibration_windows(cfg, tok) if record["name"] == "gptq" else None
     text = common.wikitext2_test_text(cfg) if cfg.task.ppl else None
     if text is not None:
         ppl_float, _ = _float_perplexity(cfg, model, tok, text)
         metrics["quantize/ppl_float"] = ppl_float
         log.info("float model: WikiText-2 perplexity %.4f", ppl_float)
 
-    calib = calibration_windows(cfg, tok) if record["name"] == "gptq" else None
     t0 = time.perf_counter()
     model = quantize_model(model, record, calib)
     metrics["quantize/seconds"] = time.perf_counter() - t0
