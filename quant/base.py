@@ -72,6 +72,10 @@ PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
+# How GPTQ's calibration windows are drawn (runner/calibration.py).
+SAMPLING = ("corpus", "document")
+
+
 def describe(qcfg: Mapping) -> dict:
     """Validated `quantizer.json` record: {"name": ..., <that quantizer's knobs>}."""
     name = qcfg["name"] if "name" in qcfg else None
@@ -91,8 +95,8 @@ def describe(qcfg: Mapping) -> dict:
     for key in ("blocksize", "nsamples", "seqlen"):
         if key in record and (not isinstance(record[key], int) or record[key] <= 0):
             raise ValueError(f"quantizer.{key}={record[key]!r} must be a positive integer")
-    if "sampling" in record and record["sampling"] not in ("corpus", "document"):
-        raise ValueError(f"quantizer.sampling={record['sampling']!r} must be corpus or document")
+    if "sampling" in record and record["sampling"] not in SAMPLING:
+        raise ValueError(f"quantizer.sampling={record['sampling']!r} must be one of {', '.join(SAMPLING)}")
     if "percdamp" in record and not record["percdamp"] >= 0:
         raise ValueError(f"quantizer.percdamp={record['percdamp']!r} must be >= 0 (the reference uses 0.01)")
     return record

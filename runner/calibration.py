@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from models.tokenizer import Tokenizer
+from quant.base import SAMPLING
 from runner.common import ConfigError, data_path
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ CORPORA = {
     "tinyshakespeare": "tinyshakespeare/input.txt",
 }
 SUFFIXES = (".txt", ".raw", ".json", ".jsonl")
-SAMPLING = ("corpus", "document")
 
 
 def corpus_path(cfg: DictConfig) -> Path:
