@@ -8,9 +8,12 @@ the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IS
 - H = 2/n * sum_i x_i x_i^T over the calibration tokens, kept as a running average (n counts sequences).
 - Dead inputs (H[i, i] == 0) get H[i, i] = 1 and W[:, i] = 0.
 - Damping: H += percdamp * mean(diag H) * I, then U = cholesky(cholesky_inverse(cholesky(H)), upper=True).
-- Lazy batch updates: columns are processed in blocks of `blocksize`; inside a block updates are applied
-  column by column, the rest of W gets the whole block's update in one matmul at the block end. This
-  reorders the arithmetic only; the result is that of the column-by-column algorithm.
+- Lazy batch updates: columns are processed in blocks of `blocksize`; inside a block each column receives the
+  updates of the block's earlier columns just before it is quantized (one matrix-vector product), the rest of W
+  gets the whole block's update in one matmul at the block end. This reorders the arithmetic only; the result
+  is that of the column-by-column algorithm (held to identical integers by the tests).
+- Linears that share one Hessian (q/k/v, gate/up) are solved as one row-stacked matrix: GPTQ never mixes rows,
+  so each gets the result it would get alone, with one factorisation and one column loop for all.
 - Groups: a group's scale/zero is chosen when its first column is reached, from the group's weights as updated
   so far (including pending updates from earlier columns of the current block -- the reference code reads
   the block-stale W there when groupsize < blocksize; we keep the algorithm's definition, see the tests).
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quant.int4 import Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features, quantize_values
+from quant.int4 import MAXQ, Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features
 
 log = logging.getLogger(__name__)
 
@@ -99,91 +102,127 @@ def gptq_quantize_weight(
     Runs in fp64 when W is fp64 (the model driver on CPU, see _SOLVE_DTYPE; the tests, to compare with the
     column-by-column algorithm without rounding flips), else in fp32.
     """
-    N, K = W.shape
+    knobs = dict(groupsize=groupsize, blocksize=blocksize, percdamp=percdamp, act_order=act_order)
+    return gptq_quantize_weights([W], H, static_groups=static_groups, sym=sym, **knobs)[0]
+
+
+def gptq_quantize_weights(
+    Ws: list[torch.Tensor],
+    H: torch.Tensor,
+    *,
+    groupsize: int,
+    blocksize: int,
+    percdamp: float,
+    act_order: bool,
+    static_groups: bool,
+    sym: bool,
+) -> list[GPTQResult]:
+    """GPTQ for several weights [N_i, K] that share one Hessian H [K, K] (q/k/v, gate/up), one result each.
+
+    GPTQ treats the rows of W independently (each row's error feedback and group grid are its own), so the
+    weights are stacked into one [sum N_i, K] matrix: one Cholesky factorisation and one column loop serve them all,
+    and each result is what `gptq_quantize_weight` would give that weight alone.
+
+    The loop works on W transposed ([Kp, N], a column of W is a contiguous row) and updates a column just before
+    it is quantized, with one matrix-vector product over the errors of the block's earlier columns; the paper's
+    rank-1 update of every later column after each step does the same arithmetic in more, smaller operations.
+    """
+    N_i = [w.shape[0] for w in Ws]
+    K = Ws[0].shape[1]
     g = groupsize
     Kp = padded_in_features(K, g)
-    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W0, H0 = W.detach().to(dt), H.to(dt)
-    W = torch.zeros(N, Kp, dtype=dt, device=W0.device)
-    W[:, :K] = W0
-    H = torch.zeros(Kp, Kp, dtype=dt, device=W0.device)
+    dt = torch.float64 if Ws[0].dtype == torch.float64 else torch.float32
+    dev = Ws[0].device
+    W0 = torch.cat([w.detach().to(dt) for w in Ws])  # [N, K]
+    N = W0.shape[0]
+    W = torch.zeros(Kp, N, dtype=dt, device=dev)  # transposed
+    W[:K] = W0.t()
+    H0 = H.to(dt)
+    H = torch.zeros(Kp, Kp, dtype=dt, device=dev)
     H[:K, :K] = H0
 
     dead = H.diagonal() == 0  # includes the padded columns
     H[dead, dead] = 1
-    W[:, dead] = 0
+    W[dead] = 0
     damp = percdamp * H.diagonal()[:K].mean()  # over real columns only, so padding does not change it
 
     if static_groups:
-        s_static, z_static = group_qparams(W.view(N, Kp // g, g), sym)  # [N, G, 1] on the unpermuted weight
+        s_static, z_static = group_qparams(W.t().reshape(N, Kp // g, g), sym)  # [N, G, 1] on the unpermuted weight
     perm = None
     if act_order:
         # stable: ties (e.g. dead columns, all at 1) order the same way on every device
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[perm], H[perm[:, None], perm]
     if static_groups:
-        col_group = (perm if act_order else torch.arange(Kp, device=W.device)) // g  # [Kp], permuted order
-        col_scale, col_zero = s_static[:, col_group, 0], z_static[:, col_group, 0]  # [N, Kp]
+        col_group = (perm if act_order else torch.arange(Kp, device=dev)) // g  # [Kp], permuted order
+        col_scale = s_static[:, col_group, 0].t().contiguous()  # [Kp, N]
+        col_zero = z_static[:, col_group, 0].t().contiguous()
 
     H.diagonal().add_(damp)
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError as e:
         raise RuntimeError("GPTQ: damped Hessian is not positive definite; increase quantizer.percdamp") from e
+    d = U.diagonal().tolist()
 
-    Q = torch.zeros_like(W)  # integer-valued, permuted column order
-    losses = torch.zeros(N, dtype=dt, device=W.device)
-    scales = torch.zeros(N, Kp // g, dtype=dt, device=W.device)
+    Q = torch.empty_like(W)  # integer-valued, [Kp, N], permuted column order
+    Err = torch.empty(min(blocksize, Kp), N, dtype=dt, device=dev)  # the current block's scaled errors
+    losses = torch.zeros(N, dtype=dt, device=dev)
+    scales = torch.zeros(Kp // g, N, dtype=dt, device=dev)
     zeros = torch.zeros_like(scales)
     for i1 in range(0, Kp, blocksize):
         i2 = min(i1 + blocksize, Kp)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
+        for col in range(i1, i2):
+            i = col - i1
+            E, u = Err[:i].t(), U[i1:col]  # the block's errors so far [N, i] and their rows of U [i, Kp]
             if static_groups:
-                scale, zero = col_scale[:, col], col_zero[:, col]
+                scale, zero = col_scale[col], col_zero[col]
             elif col % g == 0:
-                grp = W1[:, i : i + g]
-                if col + g > i2:
-                    # The group runs past this block: those columns still miss this block's pending updates.
-                    rest = W[:, i2 : col + g] - Err1[:, :i] @ U[i1:col, i2 : col + g]
-                    grp = torch.cat((grp, rest), dim=1)
-                scale, zero = group_qparams(grp, sym)  # [N, 1]
+                grp = W[col : col + g] - u[:, col : col + g].t() @ E.t()  # [g, N], up to date
+                scale, zero = group_qparams(grp.t(), sym)  # [N, 1]
                 scale, zero = scale[:, 0], zero[:, 0]
-                scales[:, col // g], zeros[:, col // g] = scale, zero
-            w = W1[:, i]
-            q = quantize_values(w, scale, zero)
-            Q[:, col] = q
-            err = (w - (q - zero) * scale) / U1[i, i]
-            losses += err.square()
-            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+                scales[col // g], zeros[col // g] = scale, zero
+            w = torch.addmv(W[col], E, u[:, col], alpha=-1)  # column col with this block's pending updates
+            q = torch.div(w, scale, out=Q[col]).round_().add_(zero).clamp_(0, MAXQ)
+            err = torch.sub(q, zero, out=Err[i]).mul_(scale)
+            torch.sub(w, err, out=err).div_(d[col])
+        B = i2 - i1
+        losses += Err[:B].square().sum(0)
+        W[i2:].addmm_(U[i1:i2, i2:].t(), Err[:B], alpha=-1)
 
     g_idx = None
     if act_order:
         inv = torch.argsort(perm)
-        Q = Q[:, inv]
+        Q = Q[inv]
         if not static_groups:
-            g_idx = (torch.arange(Kp, device=W.device) // g)[inv].to(torch.int32)
+            g_idx = (torch.arange(Kp, device=dev) // g)[inv].to(torch.int32)
     if static_groups:
         scales, zeros = s_static[..., 0], z_static[..., 0]
+    else:
+        scales, zeros = scales.t(), zeros.t()
 
-    E = W0 - dequantize(Q, scales, zeros, g, g_idx)[:, :K]  # [N, K]
-    signal = ((W0 @ H0) * W0).sum()
-    noise = ((E @ H0) * E).sum()
-    # exact reconstruction is +inf; NaN anywhere stays NaN, so the self-check catches it
-    sqnr_db = math.inf if noise == 0 else (10 * torch.log10(signal / noise)).item()
-    return GPTQResult(
-        q=Q.to(torch.uint8),
-        scales=scales.float(),
-        zeros=zeros.float(),
-        g_idx=g_idx,
-        loss=losses.sum().item() / 2,
-        sqnr_db=sqnr_db,
-    )
+    # Self-check in fp32: a dB figure needs no more, and fp32 halves the cost of these two [N, K] x [K, K] products.
+    W0, H0 = W0.float(), H0.float()
+    E = W0 - dequantize(Q.t(), scales.float(), zeros.float(), g, g_idx)[:, :K]  # [N, K]
+    signal, noise = ((W0 @ H0) * W0).sum(1), ((E @ H0) * E).sum(1)  # per row
+    results, r0 = [], 0
+    for n in N_i:
+        r = slice(r0, r0 + n)
+        r0 += n
+        s, e = signal[r].sum(), noise[r].sum()
+        # exact reconstruction is +inf; NaN anywhere stays NaN, so the self-check catches it
+        sqnr_db = math.inf if e == 0 else (10 * torch.log10(s / e)).item()
+        results.append(
+            GPTQResult(
+                q=Q[:, r].t().to(torch.uint8).contiguous(),
+                scales=scales[r].float().contiguous(),
+                zeros=zeros[r].float().contiguous(),
+                g_idx=None if g_idx is None else g_idx.clone(),  # a tensor of its own per layer
+                loss=losses[r].sum().item() / 2,
+                sqnr_db=sqnr_db,
+            )
+        )
+    return results
 
 
 class _Hessian:
@@ -266,21 +305,28 @@ def _capture(
 
 
 def _quantize_group(block: nn.Module, index: int, names, hessians, knobs: dict, results: dict) -> None:
+    # Linears fed the very same input (q/k/v; gate/up) share one Hessian object and are solved together.
+    shared: dict[int, list[str]] = {}
     for name in names:
-        linear = block.get_submodule(name)
+        shared.setdefault(id(hessians[name]), []).append(name)
+    for group in shared.values():
+        linears = [block.get_submodule(n) for n in group]
         # On CPU the per-layer solve runs in float64 (see _SOLVE_DTYPE); the Hessian was accumulated in float32.
-        dt = _SOLVE_DTYPE if linear.weight.device.type == "cpu" else torch.float32
-        res = gptq_quantize_weight(linear.weight.to(dt), hessians[name].to(dt), **knobs)
-        log.info("block %d %s: loss %.4g, output SQNR %.1f dB", index, name, res.loss, res.sqnr_db)
-        if not res.sqnr_db >= _MIN_SQNR_DB:  # also catches NaN
-            raise RuntimeError(
-                f"GPTQ self-check: block {index} {name} output SQNR {res.sqnr_db:.1f} dB < {_MIN_SQNR_DB} dB"
-            )
-        # Later captures and the block output must see this layer quantized: write the dequantized weight (what
-        # Int4WeightOnlyLinear's portable path computes) into the float layer until the block is done.
-        wq = dequantize(res.q, res.scales, res.zeros, knobs["groupsize"], res.g_idx)
-        linear.weight.copy_(wq[:, : linear.in_features])
-        results[name] = res
+        dt = _SOLVE_DTYPE if linears[0].weight.device.type == "cpu" else torch.float32
+        H = hessians[group[0]].to(dt)
+        for name, linear, res in zip(
+            group, linears, gptq_quantize_weights([m.weight.to(dt) for m in linears], H, **knobs), strict=True
+        ):
+            log.info("block %d %s: loss %.4g, output SQNR %.1f dB", index, name, res.loss, res.sqnr_db)
+            if not res.sqnr_db >= _MIN_SQNR_DB:  # also catches NaN
+                raise RuntimeError(
+                    f"GPTQ self-check: block {index} {name} output SQNR {res.sqnr_db:.1f} dB < {_MIN_SQNR_DB} dB"
+                )
+            # Later captures and the block output must see this layer quantized: write the dequantized weight (what
+            # Int4WeightOnlyLinear's portable path computes) into the float layer until the block is done.
+            wq = dequantize(res.q, res.scales, res.zeros, knobs["groupsize"], res.g_idx)
+            linear.weight.copy_(wq[:, : linear.in_features])
+            results[name] = res
 
 
 def _sequential_block(block, index, x, cos, sin, chunk, knobs, results) -> torch.Tensor:

@@ -74,6 +74,24 @@ def test_matches_column_by_column_algorithm(K, g, bs, act_order, static_groups, 
     assert (res.g_idx is not None) == (act_order and not static_groups)
 
 
+@pytest.mark.parametrize(("act_order", "static_groups"), [(False, False), (True, False), (True, True)])
+def test_weights_sharing_a_hessian_solve_as_if_alone(act_order, static_groups):
+    W, _, H = _correlated_layer(N=40, K=96)
+    parts = [W[:24], W[24:32], W[32:]]  # like q/k/v: different row counts, one input
+    kw = dict(groupsize=64, blocksize=32, percdamp=0.01, act_order=act_order, static_groups=static_groups, sym=False)
+    together = gptq.gptq_quantize_weights([p.double() for p in parts], H.double(), **kw)
+    for p, res in zip(parts, together, strict=True):
+        alone = gptq_quantize_weight(p.double(), H.double(), **kw)
+        assert torch.equal(res.q, alone.q)
+        assert torch.equal(res.scales, alone.scales) and torch.equal(res.zeros, alone.zeros)
+        assert (res.g_idx is None) == (alone.g_idx is None)
+        if res.g_idx is not None:
+            assert torch.equal(res.g_idx, alone.g_idx)
+        assert res.loss == pytest.approx(alone.loss, rel=1e-9)
+        assert res.sqnr_db == pytest.approx(alone.sqnr_db, abs=1e-3)
+    assert len({r.q.data_ptr() for r in together}) == 3  # separate tensors: each saves on its own
+
+
 def test_fp32_close_to_fp64():
     W, _, H = _correlated_layer()
     kw = dict(groupsize=32, blocksize=64, percdamp=0.01, act_order=True, static_groups=False, sym=False)
