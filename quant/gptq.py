@@ -333,8 +333,9 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results) -> torch
     """true_sequential: q/k/v, then o, then gate/up, then down, each calibrated on its quantized predecessors.
 
     The reference re-runs the whole block for each group. Here each capture runs only the residual branch it
-    needs, and o_proj's input is kept from its capture, so the attention (the dominant cost at long seqlen) runs
-    twice per block instead of five times; the values are the ones the block's own forward computes. This
+    needs, and the inputs of o_proj and down_proj are kept from their captures (one block's activations), so the
+    attention and gate/up each run once per block after their own quantization, where the reference runs the
+    whole block five times; the values are the ones the block's own forward computes. This
     mirrors models.llama.Block.forward, `h = x + self_attn(input_layernorm(x)); out = h + mlp(
     post_attention_layernorm(h))`; tests/quant/test_gptq.py holds it to a driver that re-runs `block(x)`.
     """
@@ -356,11 +357,12 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results) -> torch
     def run_mlp(s, e):
         mlp(block.post_attention_layernorm(h[s:e]))
 
-    for names in (gate_up, down):
-        hessians, _ = _capture(block, names, run_mlp, n_seq, chunk)
-        _quantize_group(block, index, names, hessians, knobs, results)
+    hessians, _ = _capture(block, gate_up, run_mlp, n_seq, chunk)
+    _quantize_group(block, index, gate_up, hessians, knobs, results)
+    hessians, act = _capture(block, down, run_mlp, n_seq, chunk, keep=down[0])  # act: [S, T, intermediate]
+    _quantize_group(block, index, down, hessians, knobs, results)
     for s in range(0, n_seq, chunk):
-        h[s : s + chunk] += mlp(block.post_attention_layernorm(h[s : s + chunk]))
+        h[s : s + chunk] += mlp.down_proj(act[s : s + chunk])  # down_proj is the MLP's output
     return h
 
 
