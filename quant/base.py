@@ -89,17 +89,26 @@ def describe(qcfg: Mapping) -> dict:
         raise ValueError(f"quantizer {name!r} takes exactly {list(PARAMS[name])}; missing {missing}, unknown {unknown}")
     record = {"name": name, **{k: qcfg[k] for k in PARAMS[name]}}
     if "groupsize" in record and (
-        not isinstance(record["groupsize"], int) or record["groupsize"] <= 0 or record["groupsize"] % 2
+        not _is_int(record["groupsize"]) or record["groupsize"] <= 0 or record["groupsize"] % 2
     ):
         raise ValueError(f"quantizer.groupsize={record['groupsize']!r} must be a positive even integer")
     for key in ("blocksize", "nsamples", "seqlen"):
-        if key in record and (not isinstance(record[key], int) or record[key] <= 0):
+        if key in record and (not _is_int(record[key]) or record[key] <= 0):
             raise ValueError(f"quantizer.{key}={record[key]!r} must be a positive integer")
+    for key in ("sym", "act_order", "static_groups", "true_sequential"):
+        if key in record and not isinstance(record[key], bool):
+            raise ValueError(f"quantizer.{key}={record[key]!r} must be true or false")
+    if "seed" in record and not _is_int(record["seed"]):
+        raise ValueError(f"quantizer.seed={record['seed']!r} must be an integer")
     if "sampling" in record and record["sampling"] not in SAMPLING:
         raise ValueError(f"quantizer.sampling={record['sampling']!r} must be one of {', '.join(SAMPLING)}")
-    if "percdamp" in record and not record["percdamp"] >= 0:
-        raise ValueError(f"quantizer.percdamp={record['percdamp']!r} must be >= 0 (the reference uses 0.01)")
+    if "percdamp" in record and not (isinstance(record["percdamp"], int | float) and record["percdamp"] >= 0):
+        raise ValueError(f"quantizer.percdamp={record['percdamp']!r} must be a number >= 0 (the reference uses 0.01)")
     return record
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML true is not a group size
 
 
 def check_weight_sqnr(name: str, w: torch.Tensor, wq: torch.Tensor) -> float:

@@ -43,6 +43,11 @@ def test_describe_records_exactly_the_knobs():
         (gptq_cfg(blocksize=0), "blocksize"),
         (gptq_cfg(percdamp=-0.1), "percdamp"),
         (gptq_cfg(sampling="random"), "sampling"),
+        (gptq_cfg(act_order="maybe"), r"quantizer.act_order='maybe' must be true or false"),
+        (gptq_cfg(sym=1), "sym=1 must be true or false"),
+        (gptq_cfg(blocksize=True), "blocksize=True must be a positive integer"),
+        (gptq_cfg(percdamp="lots"), "percdamp"),
+        (gptq_cfg(seed=1.5), "seed=1.5 must be an integer"),
     ],
 )
 def test_describe_rejects_bad_configs(qcfg, message):
