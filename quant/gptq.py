@@ -104,7 +104,7 @@ def gptq_quantize_weight(
     column-by-column algorithm without rounding flips), else in fp32.
     """
     knobs = dict(groupsize=groupsize, blocksize=blocksize, percdamp=percdamp, act_order=act_order)
-    return gptq_quantize_weights([W], H, static_groups=static_groups, sym=sym, **knobs)[0]
+    return gptq_quantize_weights([W], H, **knobs, static_groups=static_groups, sym=sym)[0]
 
 
 def gptq_quantize_weights(
@@ -184,7 +184,7 @@ def gptq_quantize_weights(
                 scale, zero = scale[:, 0], zero[:, 0]
                 scales[col // g], zeros[col // g] = scale, zero
             w = torch.addmv(W[col], E, u[:, col], alpha=-1)  # column col with this block's pending updates
-            q = torch.div(w, scale, out=Q[col]).round_().add_(zero).clamp_(0, MAXQ)
+            q = torch.div(w, scale, out=Q[col]).round_().add_(zero).clamp_(0, MAXQ)  # quantize_values, in place
             err = torch.sub(q, zero, out=Err[i]).mul_(scale)
             torch.sub(w, err, out=err).div_(d[col])
         B = i2 - i1
