@@ -87,24 +87,14 @@ class GPTQResult:
     sqnr_db: float  # output-space SQNR on the calibration inputs (see module docstring)
 
 
-def gptq_quantize_weight(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    *,
-    groupsize: int,
-    blocksize: int,
-    percdamp: float,
-    act_order: bool,
-    static_groups: bool,
-    sym: bool,
-) -> GPTQResult:
-    """GPTQ for one weight W [N, K] given its Hessian H [K, K] (2/n sum x x^T). Neither input is modified.
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, **knobs) -> GPTQResult:
+    """GPTQ for one weight W [N, K] given its Hessian H [K, K] (2/n sum x x^T); knobs as `gptq_quantize_weights`.
+    Neither input is modified.
 
     Runs in fp64 when W is fp64 (the model driver on CPU, see _SOLVE_DTYPE; the tests, to compare with the
     column-by-column algorithm without rounding flips), else in fp32.
     """
-    knobs = dict(groupsize=groupsize, blocksize=blocksize, percdamp=percdamp, act_order=act_order)
-    return gptq_quantize_weights([W], H, **knobs, static_groups=static_groups, sym=sym)[0]
+    return gptq_quantize_weights([W], H, **knobs)[0]
 
 
 def gptq_quantize_weights(
