@@ -29,6 +29,8 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
+
 from quant import gptq, quantize_model  # noqa: E402 - after the path setup above
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
@@ -69,7 +71,7 @@ def main() -> None:
 
     result = {
         "windows": a.windows,
-        "torch_threads": torch.get_num_threads(),
+        "machine": machine(),
         "ppl_float": None if a.skip_float else ppl(model),
         "runs": [],
     }
@@ -91,7 +93,7 @@ def main() -> None:
         result["windows"] = scored["windows"]
         result["runs"].append(run)
         print(json.dumps({k: run[k] for k in ("name", "seconds", "ppl")}), file=sys.stderr, flush=True)
-        a.out.write_text(json.dumps(result, indent=2))
+        write_json(a.out, result)
         del m
     print(json.dumps(result, indent=2))
 

@@ -11,10 +11,11 @@ exactly these keys (`PARAMS`; an unknown or missing key is an error, so a typo c
     none      no knobs.                  Float model.
     int8_wo   no knobs.                  torchao Int8WeightOnlyConfig: symmetric per-row int8 (quant/torchao_ptq.py),
                                          stored as quant.int8.Int8WeightOnlyLinear. ~2x smaller than bf16, near-lossless.
-    int4_wo   groupsize, sym             Round-to-nearest group-wise uint4 (quant/int4.py). ~3.5x smaller than
+    int4_wo   groupsize, sym, scale_search  Round-to-nearest group-wise uint4 (quant/int4.py). ~3.5x smaller than
                                          bf16 at groupsize 128; smaller groups: more accurate, more scale storage.
     gptq      groupsize, sym, blocksize, percdamp, act_order, static_groups, true_sequential,
-              nsamples, seqlen, calibration, sampling, seed
+              nsamples, seqlen, calibration, sampling, seed, sink_weight, attention_weight,
+              scale_search
                                          GPTQ (quant/gptq.py), same int4 storage as int4_wo. Needs calibration
                                          token ids [nsamples, seqlen] (the runner builds them from `calibration`
                                          with `seed`). act_order helps most on outlier-heavy layers; without
@@ -54,7 +55,7 @@ MIN_WEIGHT_SQNR_DB = 10.0
 PARAMS: dict[str, tuple[str, ...]] = {
     "none": (),
     "int8_wo": (),
-    "int4_wo": ("groupsize", "sym"),
+    "int4_wo": ("groupsize", "sym", "scale_search"),
     "gptq": (
         "groupsize",
         "sym",
@@ -68,6 +69,9 @@ PARAMS: dict[str, tuple[str, ...]] = {
         "calibration",
         "sampling",
         "seed",
+        "sink_weight",
+        "attention_weight",
+        "scale_search",
     ),
 }
 
@@ -81,8 +85,11 @@ def describe(qcfg: Mapping) -> dict:
     name = qcfg["name"] if "name" in qcfg else None
     if name not in PARAMS:
         raise ValueError(f"quantizer.name={name!r} is not one of {sorted(PARAMS)}")
-    if name == "gptq" and "sampling" not in qcfg:
-        qcfg = {**qcfg, "sampling": "corpus"}  # quantizer.json written before the key existed: corpus sampling
+    if name == "gptq":
+        # quantizer.json written before these keys existed: what the code did then
+        qcfg = {"sampling": "corpus", "sink_weight": 1, "attention_weight": False, **qcfg}
+    if name in ("gptq", "int4_wo"):
+        qcfg = {"scale_search": False, **qcfg}
     keys = set(qcfg) - {"name"}
     missing, unknown = sorted(set(PARAMS[name]) - keys), sorted(keys - set(PARAMS[name]))
     if missing or unknown:
@@ -95,7 +102,7 @@ def describe(qcfg: Mapping) -> dict:
     for key in ("blocksize", "nsamples", "seqlen"):
         if key in record and (not _is_int(record[key]) or record[key] <= 0):
             raise ValueError(f"quantizer.{key}={record[key]!r} must be a positive integer")
-    for key in ("sym", "act_order", "static_groups", "true_sequential"):
+    for key in ("sym", "act_order", "static_groups", "true_sequential", "attention_weight", "scale_search"):
         if key in record and not isinstance(record[key], bool):
             raise ValueError(f"quantizer.{key}={record[key]!r} must be true or false")
     if "seed" in record and not _is_int(record["seed"]):
@@ -104,6 +111,13 @@ def describe(qcfg: Mapping) -> dict:
         raise ValueError(f"quantizer.sampling={record['sampling']!r} must be one of {', '.join(SAMPLING)}")
     if "percdamp" in record and not (isinstance(record["percdamp"], int | float) and record["percdamp"] >= 0):
         raise ValueError(f"quantizer.percdamp={record['percdamp']!r} must be a number >= 0 (the reference uses 0.01)")
+    if "sink_weight" in record and not (
+        isinstance(record["sink_weight"], int | float)
+        and not isinstance(record["sink_weight"], bool)
+        and math.isfinite(record["sink_weight"])
+        and record["sink_weight"] > 0
+    ):
+        raise ValueError(f"quantizer.sink_weight={record['sink_weight']!r} must be a number > 0 (1 = the paper's GPTQ)")
     return record
 
 
@@ -140,7 +154,7 @@ def _quantize_int8_wo(model: nn.Module, spec: dict, calib: torch.Tensor | None) 
 
 def _quantize_int4_wo(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:
     for name, linear in decoder_linears(model).items():
-        qlinear = Int4WeightOnlyLinear.from_linear(linear, spec["groupsize"], spec["sym"])
+        qlinear = Int4WeightOnlyLinear.from_linear(linear, spec["groupsize"], spec["sym"], spec["scale_search"])
         check_weight_sqnr(name, linear.weight, qlinear.dequantize())
         model.set_submodule(name, qlinear)
 

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from quant.int4 import MAXQ, Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features
+from models.llama import apply_rope
+from quant.int4 import MAXQ, Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features, search_qparams
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def gptq_quantize_weights(
     act_order: bool,
     static_groups: bool,
     sym: bool,
+    scale_search: bool = False,
 ) -> list[GPTQResult]:
     """GPTQ for several weights [N_i, K] that share one Hessian H [K, K] (q/k/v, gate/up), one result each.
 
@@ -137,8 +139,11 @@ def gptq_quantize_weights(
     W[dead] = 0
     damp = percdamp * H.diagonal()[:K].mean()  # over real columns only, so padding does not change it
 
-    if static_groups:
-        s_static, z_static = group_qparams(W.t().reshape(N, Kp // g, g), sym)  # [N, G, 1] on the unpermuted weight
+    def qparams(w, cols):  # w [N, ..., g]: the grid of each group; cols: its columns' indices into H
+        return search_qparams(w, sym, H.diagonal()[cols]) if scale_search else group_qparams(w, sym)
+
+    if static_groups:  # [N, G, 1] on the unpermuted weight
+        s_static, z_static = qparams(W.t().reshape(N, Kp // g, g), torch.arange(Kp, device=dev).view(Kp // g, g))
     perm = None
     if act_order:
         # stable: ties (e.g. dead columns, all at 1) order the same way on every device
@@ -170,7 +175,7 @@ def gptq_quantize_weights(
                 scale, zero = col_scale[col], col_zero[col]
             elif col % g == 0:
                 grp = W[col : col + g] - u[:, col : col + g].t() @ E.t()  # [g, N], up to date
-                scale, zero = group_qparams(grp.t(), sym)  # [N, 1]
+                scale, zero = qparams(grp.t(), slice(col, col + g))  # [N, 1]
                 scale, zero = scale[:, 0], zero[:, 0]
                 scales[col // g], zeros[col // g] = scale, zero
             w = torch.addmv(W[col], E, u[:, col], alpha=-1)  # column col with this block's pending updates
@@ -217,16 +222,19 @@ def gptq_quantize_weights(
 
 
 class _Hessian:
-    """Running average H = 2/n sum x x^T over n sequences, one fp32 matmul per chunk (as the reference's add_batch)."""
+    """Running average H = 2/n sum_t w_t x_t x_t^T over n sequences, one fp32 matmul per chunk (as the reference's
+    add_batch). w_t is the token's weight (1 for every token in the paper's GPTQ): a token of weight w counts exactly
+    as w copies of it would."""
 
     def __init__(self, k: int, device: torch.device):
         self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.nsamples = 0
 
-    def add(self, x: torch.Tensor):
-        # x: [B, T, K]
+    def add(self, x: torch.Tensor, sqrt_w: torch.Tensor | None = None):
+        # x: [B, T, K]; sqrt_w: [B, T], the square roots of the tokens' weights, or None (all 1)
         n = self.nsamples + x.shape[0]
-        x2 = x.reshape(-1, x.shape[-1]).float()  # [B*T, K]
+        x2 = x.float() if sqrt_w is None else x.float() * sqrt_w[..., None].float()
+        x2 = x2.reshape(-1, x.shape[-1])  # [B*T, K]
         self.H.addmm_(x2.t(), x2, beta=self.nsamples / n, alpha=2 / n)
         self.nsamples = n
 
@@ -241,9 +249,11 @@ def _capture(
     run: Callable[[int, int], object],
     n_seq: int,
     chunk: int,
+    sqrt_w: torch.Tensor | None,
     keep: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Hessians of the inputs of `block`'s linears `names`, calling `run(start, end)` on each chunk of sequences.
+    """Hessians of the inputs of `block`'s linears `names`, calling `run(start, end)` on each chunk of sequences;
+    `sqrt_w` [n_seq, T]: square roots of the tokens' Hessian weights (see `token_weights`), or None.
 
     Forward pre-hooks read the inputs and stop the forward as soon as the last needed input arrived. Linears
     called on the very same tensor (q/k/v; gate/up) share one Hessian; the first chunk finds who shares, later
@@ -270,7 +280,8 @@ def _capture(
                 if name not in hessians:
                     hessians[name] = _Hessian(inp.shape[-1], inp.device)
                     feeders.append(name)
-                hessians[name].add(inp)
+                s0 = state["start"]
+                hessians[name].add(inp, None if sqrt_w is None else sqrt_w[s0 : s0 + inp.shape[0]])
                 state["last"] = (inp, hessians[name])
             state["seen"].add(name)
             if state["seen"] >= state["needed"]:
@@ -320,7 +331,7 @@ def _quantize_group(block: nn.Module, index: int, names, hessians, knobs: dict, 
             results[name] = res
 
 
-def _sequential_block(block, index, x, cos, sin, chunk, knobs, results) -> torch.Tensor:
+def _sequential_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) -> torch.Tensor:
     """true_sequential: q/k/v, then o, then gate/up, then down, each calibrated on its quantized predecessors.
 
     The reference re-runs the whole block for each group. Here each capture runs only the residual branch it
@@ -336,9 +347,9 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results) -> torch
     def run_attn(s, e):
         attn(block.input_layernorm(x[s:e]), cos, sin, None, None)
 
-    hessians, _ = _capture(block, qkv, run_attn, n_seq, chunk)
+    hessians, _ = _capture(block, qkv, run_attn, n_seq, chunk, sqrt_w)
     _quantize_group(block, index, qkv, hessians, knobs, results)
-    hessians, context = _capture(block, o, run_attn, n_seq, chunk, keep=o[0])  # context: [S, T, H*D]
+    hessians, context = _capture(block, o, run_attn, n_seq, chunk, sqrt_w, keep=o[0])  # context: [S, T, H*D]
     _quantize_group(block, index, o, hessians, knobs, results)
     h = torch.empty_like(x)
     for s in range(0, n_seq, chunk):
@@ -348,25 +359,66 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results) -> torch
     def run_mlp(s, e):
         mlp(block.post_attention_layernorm(h[s:e]))
 
-    hessians, _ = _capture(block, gate_up, run_mlp, n_seq, chunk)
+    hessians, _ = _capture(block, gate_up, run_mlp, n_seq, chunk, sqrt_w)
     _quantize_group(block, index, gate_up, hessians, knobs, results)
-    hessians, act = _capture(block, down, run_mlp, n_seq, chunk, keep=down[0])  # act: [S, T, intermediate]
+    hessians, act = _capture(block, down, run_mlp, n_seq, chunk, sqrt_w, keep=down[0])  # act: [S, T, intermediate]
     _quantize_group(block, index, down, hessians, knobs, results)
     for s in range(0, n_seq, chunk):
         h[s : s + chunk] += mlp.down_proj(act[s : s + chunk])  # down_proj is the MLP's output
     return h
 
 
-def _all_at_once_block(block, index, x, cos, sin, chunk, knobs, results) -> torch.Tensor:
+def _all_at_once_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) -> torch.Tensor:
     """Not true_sequential: every linear calibrated on the float block's inputs, as the reference's default."""
     names = sum(_SEQUENTIAL_GROUPS, ())
     n_seq = x.shape[0]
-    hessians, _ = _capture(block, names, lambda s, e: block(x[s:e], cos, sin), n_seq, chunk)
+    hessians, _ = _capture(block, names, lambda s, e: block(x[s:e], cos, sin), n_seq, chunk, sqrt_w)
     _quantize_group(block, index, names, hessians, knobs, results)
     out = torch.empty_like(x)
     for s in range(0, n_seq, chunk):
         out[s : s + chunk] = block(x[s : s + chunk], cos, sin)
     return out
+
+
+def attention_received(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[S, T]: how much attention each token receives in `block`'s (causal) self-attention on inputs x [S, T, C],
+    summed over the queries and averaged over the heads, so each sequence's row sums to T (mean 1 per token).
+
+    The attention sink (position 0) receives most of every query's attention: its value is near T times the
+    share it gets, hundreds for 1024-token windows, where later tokens receive about 1 or less.
+    """
+    attn = block.self_attn
+    S, T, _ = x.shape
+    out = torch.empty(S, T, dtype=torch.float32, device=x.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    rep = attn.n_heads // attn.n_kv_heads
+    for s in range(S):  # one sequence at a time: the scores are [H, T, T]
+        h = block.input_layernorm(x[s : s + 1])
+        q = attn.q_proj(h).view(1, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(1, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
+        k = k.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)  # [1, H, T, T]
+        probs = scores.masked_fill_(~causal, -math.inf).softmax(-1)
+        out[s] = probs.sum(2).mean(1)[0]
+    return out
+
+
+def token_weights(
+    block: nn.Module, x: torch.Tensor, cos, sin, sink_weight: float, attention_weight: bool
+) -> torch.Tensor | None:
+    """[S, T] weight of each calibration token in `block`'s Hessians, or None when every token counts once.
+
+    `attention_weight`: each token counts as much as the attention it receives in this block (RSQ, Sung et al.
+    2025, arXiv 2503.01820); `sink_weight`: position 0 of every window (the attention sink) counts that many times
+    more. With neither, every token counts once: the paper's GPTQ.
+    """
+    if sink_weight == 1 and not attention_weight:
+        return None
+    S, T = x.shape[:2]
+    w = attention_received(block, x, cos, sin) if attention_weight else torch.ones(S, T, device=x.device)
+    w[:, 0] *= sink_weight
+    return w
 
 
 def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, progress: bool = True) -> nn.Module:
@@ -380,7 +432,8 @@ def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, p
             f"GPTQ calibration ids have shape {tuple(calib_ids.shape)}, but quantizer.nsamples="
             f"{qcfg['nsamples']} and quantizer.seqlen={qcfg['seqlen']}"
         )
-    knobs = {k: qcfg[k] for k in ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym")}
+    solve_keys = ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym", "scale_search")
+    knobs = {k: qcfg[k] for k in solve_keys}
     quantize_block = _sequential_block if qcfg["true_sequential"] else _all_at_once_block
     embed = model.model.embed_tokens
     device, dtype = embed.weight.device, embed.weight.dtype
@@ -393,7 +446,8 @@ def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, p
         layers = model.model.layers
         for i, block in enumerate(tqdm(layers, desc="gptq", unit="block", disable=not progress)):
             results: dict[str, GPTQResult] = {}
-            x = quantize_block(block, i, x, cos, sin, chunk, knobs, results)
+            w = token_weights(block, x, cos, sin, qcfg["sink_weight"], qcfg["attention_weight"])
+            x = quantize_block(block, i, x, cos, sin, chunk, knobs, results, None if w is None else w.sqrt())
             for name, res in results.items():
                 linear = block.get_submodule(name)
                 qlinear = Int4WeightOnlyLinear.from_quantized(

@@ -6,7 +6,7 @@ input columns; group g of row n has a float `scale` and an integer-valued `zero`
 
     q = clamp(round(w / scale) + zero, 0, 15),      w ~ (q - zero) * scale.
 
-`sym=True` fixes zero = 8 and scale = 2 * max|w| / 15. When K % groupsize != 0 the weight is padded with zero
+`sym=True` fixes zero = 8 and scale = (the group's weight of largest magnitude) / -8, llama.cpp's Q4_0 grid. When K % groupsize != 0 the weight is padded with zero
 columns up to Kp = groupsize * ceil(K / groupsize) (zero columns quantize exactly to 0) and the input is padded
 with zeros at run time, so no layer is ever left in float.
 
@@ -50,16 +50,52 @@ def group_qparams(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tenso
     zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
     wmin = torch.minimum(w.amin(-1, keepdim=True), zero_t)
     wmax = torch.maximum(w.amax(-1, keepdim=True), zero_t)
-    if sym:
-        wmax = torch.maximum(-wmin, wmax)
-        wmin = torch.where(wmin < 0, -wmax, wmin)
     # An all-zero group would give scale 0; the reference widens it to [-1, 1] (any scale works, q = zero).
     empty = (wmin == 0) & (wmax == 0)
+    if sym:
+        # llama.cpp's Q4_0 grid: the weight of largest magnitude, with its sign, sits exactly on level -8
+        # (scale = signed max / -8, negative when that weight is positive), so all 16 levels are in use.
+        signed_max = torch.where(-wmin > wmax, wmin, wmax)
+        scale = torch.where(empty, 1.0, signed_max / -((MAXQ + 1) / 2))
+        return scale, torch.full_like(scale, (MAXQ + 1) / 2)
     wmin = torch.where(empty, -1.0, wmin)
     wmax = torch.where(empty, 1.0, wmax)
     scale = (wmax - wmin) / MAXQ
-    zero = torch.full_like(scale, (MAXQ + 1) / 2) if sym else torch.round(-wmin / scale)
-    return scale, zero
+    return scale, torch.round(-wmin / scale)
+
+
+# Range factors tried by `search_qparams`: the min-max range shrunk by up to 30% (clipping outliers) or widened 6%.
+SEARCH_FACTORS = tuple(1 + 0.02 * k for k in range(-15, 4))
+
+
+def search_qparams(
+    w: torch.Tensor, sym: bool, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero [..., 1] for the groups in the last dim of w [..., g] that minimise the weighted round-trip error
+    sum_j importance_j (w_j - (q_j - zero) scale)^2 (importance [g], broadcast; None: all 1).
+
+    For each range factor in SEARCH_FACTORS: the min-max grid of the scaled range (`group_qparams(w * f)`), the
+    weights rounded on it, then the scale refitted to those integers by weighted least squares (zero kept);
+    the candidate with the least error wins. importance = the diagonal of GPTQ's Hessian (the squared inputs of
+    each column) is llama.cpp's importance-matrix idea; None is GPTQModel's `mse` search.
+    """
+    imp = torch.ones_like(w) if importance is None else importance.to(w.dtype).expand_as(w)
+    best_err = best_scale = best_zero = None
+    for f in SEARCH_FACTORS:
+        scale, zero = group_qparams(w * f, sym)
+        levels = quantize_values(w, scale, zero) - zero  # [..., g]
+        num, den = (imp * w * levels).sum(-1, keepdim=True), (imp * levels * levels).sum(-1, keepdim=True)
+        scale = torch.where(den > 0, num / den.clamp_min(1e-30), scale)
+        scale = torch.where(scale == 0, 1.0, scale)  # an all-zero group: any scale, q = zero
+        err = (imp * (w - (quantize_values(w, scale, zero) - zero) * scale).square()).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -67,12 +103,15 @@ def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
     return torch.clamp(torch.round(w / scale) + zero, 0, MAXQ)
 
 
-def rtn_quantize(w: torch.Tensor, groupsize: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest per group. w [N, K] -> q uint8 [N, Kp], scales fp32 [N, G], zeros fp32 [N, G]."""
+def rtn_quantize(
+    w: torch.Tensor, groupsize: int, sym: bool, search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per group. w [N, K] -> q uint8 [N, Kp], scales fp32 [N, G], zeros fp32 [N, G].
+    search: each group's grid from `search_qparams` (least squared error) instead of its min-max."""
     N, K = w.shape
     Kp = padded_in_features(K, groupsize)
     wg = F.pad(w.float(), (0, Kp - K)).view(N, Kp // groupsize, groupsize)  # [N, G, g]
-    scale, zero = group_qparams(wg, sym)  # [N, G, 1]
+    scale, zero = search_qparams(wg, sym) if search else group_qparams(wg, sym)  # [N, G, 1]
     q = quantize_values(wg, scale, zero).view(N, Kp).to(torch.uint8)
     return q, scale.squeeze(-1), zero.squeeze(-1)
 
@@ -156,9 +195,9 @@ class Int4WeightOnlyLinear(nn.Module):
         return m
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, groupsize: int, sym: bool) -> Int4WeightOnlyLinear:
+    def from_linear(cls, linear: nn.Linear, groupsize: int, sym: bool, search: bool = False) -> Int4WeightOnlyLinear:
         """Round-to-nearest quantization of a float Linear (the `int4_wo` quantizer)."""
-        q, scales, zeros = rtn_quantize(linear.weight.detach(), groupsize, sym)
+        q, scales, zeros = rtn_quantize(linear.weight.detach(), groupsize, sym, search)
         return cls.from_quantized(q, scales, zeros, None, linear.in_features, linear.bias)
 
     def dequantize(self) -> torch.Tensor:

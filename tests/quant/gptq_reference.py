@@ -25,17 +25,16 @@ def reference_gptq(W, H, groupsize, percdamp, act_order, static_groups, sym):
             Wp[:, i] = 0
     damp = percdamp * Hp.diagonal()[:K].mean()
 
-    def grid(cols):  # min-max grid of the GPTQ reference quantizer, per row
+    def grid(cols):  # min-max grid of the GPTQ reference quantizer, per row (symmetric: llama.cpp's Q4_0)
         lo = cols.min(dim=1).values.clamp(max=0)
         hi = cols.max(dim=1).values.clamp(min=0)
-        if sym:
-            hi = torch.maximum(hi, -lo)
-            lo = torch.where(lo < 0, -hi, lo)
         both_zero = (lo == 0) & (hi == 0)
+        if sym:  # llama.cpp's Q4_0: the weight of largest magnitude, signed, is level -8
+            scale = torch.where(-lo > hi, lo, hi) / -8
+            return torch.where(both_zero, 1.0, scale), torch.full_like(scale, 8.0)
         lo, hi = torch.where(both_zero, -1.0, lo), torch.where(both_zero, 1.0, hi)
         scale = (hi - lo) / 15
-        zero = torch.full_like(scale, 8.0) if sym else torch.round(-lo / scale)
-        return scale, zero
+        return scale, torch.round(-lo / scale)
 
     static = [grid(Wp[:, k : k + g]) for k in range(0, Kp, g)]
     order = torch.argsort(Hp.diagonal(), descending=True, stable=True) if act_order else torch.arange(Kp)

@@ -42,6 +42,9 @@ def gptq_cfg(**overrides) -> dict:
         calibration="test",
         sampling="corpus",
         seed=0,
+        sink_weight=1,
+        attention_weight=False,
+        scale_search=False,
     )
     cfg.update(overrides)
     return cfg

@@ -16,11 +16,13 @@ from quant.int8 import Int8WeightOnlyLinear
 
 QCFGS = {
     "int8_wo": {"name": "int8_wo"},
-    "int4_wo": {"name": "int4_wo", "groupsize": 32, "sym": False},
-    "int4_wo_sym_padded": {"name": "int4_wo", "groupsize": 48, "sym": True},
+    "int4_wo": {"name": "int4_wo", "groupsize": 32, "sym": False, "scale_search": False},
+    "int4_wo_sym_padded": {"name": "int4_wo", "groupsize": 48, "sym": True, "scale_search": False},
+    "int4_wo_search": {"name": "int4_wo", "groupsize": 32, "sym": True, "scale_search": True},
     "gptq": gptq_cfg(),
     "gptq_act_order": gptq_cfg(act_order=True),
     "gptq_static_groups": gptq_cfg(act_order=True, static_groups=True),
+    "gptq_sink_search": gptq_cfg(act_order=True, sink_weight=64, scale_search=True, attention_weight=True),
 }
 
 
@@ -29,8 +31,13 @@ def test_describe_records_exactly_the_knobs():
     rec = describe(gptq_cfg())
     assert list(rec) == ["name", *PARAMS["gptq"]]
     assert json.loads(json.dumps(rec)) == rec
-    old = {k: v for k, v in gptq_cfg().items() if k != "sampling"}  # a quantizer.json from before the key
+    # a quantizer.json from before these keys: what the code did then
+    new_keys = ("sampling", "sink_weight", "attention_weight", "scale_search")
+    old = {k: v for k, v in gptq_cfg().items() if k not in new_keys}
     assert describe(old) == rec
+    assert describe({"name": "int4_wo", "groupsize": 32, "sym": True}) == QCFGS["int4_wo_sym_padded"] | {
+        "groupsize": 32
+    }
 
 
 @pytest.mark.parametrize(
@@ -48,6 +55,14 @@ def test_describe_records_exactly_the_knobs():
         (gptq_cfg(blocksize=True), "blocksize=True must be a positive integer"),
         (gptq_cfg(percdamp="lots"), "percdamp"),
         (gptq_cfg(seed=1.5), "seed=1.5 must be an integer"),
+        (gptq_cfg(sink_weight=0), r"quantizer.sink_weight=0 must be a number > 0"),
+        (gptq_cfg(sink_weight=-4), "sink_weight=-4"),
+        (gptq_cfg(sink_weight="lots"), "sink_weight='lots'"),
+        (gptq_cfg(sink_weight=True), "sink_weight=True"),
+        (gptq_cfg(sink_weight=float("inf")), "sink_weight=inf"),
+        (gptq_cfg(attention_weight="yes"), "attention_weight='yes' must be true or false"),
+        (gptq_cfg(scale_search=1), "scale_search=1 must be true or false"),
+        ({"name": "int4_wo", "groupsize": 32, "sym": False, "scale_search": "no"}, "scale_search='no'"),
     ],
 )
 def test_describe_rejects_bad_configs(qcfg, message):

@@ -13,7 +13,7 @@ from gptq_reference import reference_gptq
 from quant_helpers import calib_ids, dequantized_twin, gptq_cfg, tiny_model, token_ids
 
 from models.checkpoint import load_checkpoint
-from models.llama import Transformer
+from models.llama import Transformer, apply_rope
 from quant import gptq, quantize_model
 from quant.base import decoder_linears
 from quant.gptq import _SEQUENTIAL_GROUPS, _Hessian, gptq_quantize_model, gptq_quantize_weight
@@ -126,6 +126,76 @@ def test_hessian_running_average_equals_full_batch():
     torch.testing.assert_close(h.H, 2 / 10 * flat.t() @ flat, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("w", [4, 9, 256])  # perfect squares: sqrt(w) x is exact too
+def test_token_weight_equals_repeating_the_token(w):
+    # Small integers: every product and sum below is exact in fp32, so "equals" means bit for bit.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (4, 6, 8), generator=gen).float()  # [B, T, K]
+    sqrt_w = torch.ones(4, 6)
+    sqrt_w[:, 0] = w**0.5
+    weighted = _Hessian(8, torch.device("cpu"))
+    weighted.add(x, sqrt_w)
+    repeated = _Hessian(8, torch.device("cpu"))
+    repeated.add(torch.cat([x[:, :1].expand(4, w, 8), x[:, 1:]], dim=1))  # position 0 repeated w times
+    assert torch.equal(weighted.H, repeated.H)
+    # and by hand: H = 2/n sum over sequences of (w x_0 x_0^T + sum_{t>0} x_t x_t^T), n = 4 sequences
+    by_hand = sum(w * torch.outer(s[0], s[0]) + s[1:].t() @ s[1:] for s in x) * 2 / 4
+    assert torch.equal(weighted.H, by_hand)
+
+
+def test_weight_one_is_the_papers_hessian_bit_for_bit():
+    x = torch.randn(3, 16, 24)
+    plain, ones = _Hessian(24, torch.device("cpu")), _Hessian(24, torch.device("cpu"))
+    plain.add(x)
+    ones.add(x, torch.ones(3, 16))
+    assert torch.equal(plain.H, ones.H)
+    model = tiny_model()
+    x = model.model.embed_tokens(calib_ids())
+    cos, sin = model.rope(torch.arange(32)[None], x.dtype)
+    assert gptq.token_weights(model.model.layers[0], x, cos, sin, 1, False) is None  # the unweighted code path
+
+
+def test_sink_weight_lowers_the_error_on_the_sink_token():
+    W, X, _ = _correlated_layer(n=256)
+    X[0] = 30 * torch.randn(X.shape[1], generator=torch.Generator().manual_seed(3))  # a massive, unusual token
+    kw = dict(groupsize=32, blocksize=128, percdamp=0.01, act_order=True, static_groups=False, sym=False)
+
+    def sink_and_rest_error(weight):
+        wts = torch.ones(X.shape[0])
+        wts[0] = weight
+        H = 2 * (X * wts[:, None]).t() @ X / X.shape[0]
+        res = gptq_quantize_weight(W.double(), H.double(), **kw)
+        err = (X @ (W - dequantize(res.q, res.scales, res.zeros, 32, res.g_idx).float()).t()).square().sum(1)
+        return err[0].item(), err[1:].mean().item()
+
+    sink1, rest1 = sink_and_rest_error(1)
+    sink256, rest256 = sink_and_rest_error(256)
+    assert sink256 < 0.1 * sink1  # the weighted token is reconstructed far better (measured 22x) ...
+    assert rest256 > rest1  # ... at a cost on the others: the trade the real model's measurements decide
+
+
+def test_attention_received_sums_to_the_window_and_matches_explicit_attention():
+    model = tiny_model()
+    block = model.model.layers[0]
+    x = model.model.embed_tokens(calib_ids(nsamples=3))
+    T = x.shape[1]
+    cos, sin = model.rope(torch.arange(T)[None], x.dtype)
+    got = gptq.attention_received(block, x, cos, sin)
+    torch.testing.assert_close(got.sum(1), torch.full((3,), float(T)))
+    # explicit: capture q and k after RoPE through the block's own forward, softmax by hand
+    a = block.self_attn
+    q = a.q_proj(block.input_layernorm(x)).view(3, T, a.n_heads, a.head_dim).transpose(1, 2)
+    k = a.k_proj(block.input_layernorm(x)).view(3, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin).repeat_interleave(a.n_heads // a.n_kv_heads, 1)
+    probs = torch.softmax(
+        (q @ k.transpose(-1, -2) / a.head_dim**0.5).masked_fill(~torch.ones(T, T).tril().bool(), -torch.inf), -1
+    )
+    torch.testing.assert_close(got, probs.sum(2).mean(1))
+    w = gptq.token_weights(block, x, cos, sin, 4, True)
+    torch.testing.assert_close(w[:, 0], 4 * got[:, 0])
+    torch.testing.assert_close(w[:, 1:], got[:, 1:])
+
+
 @pytest.mark.parametrize("cfg", [gptq_cfg(), gptq_cfg(act_order=True, true_sequential=False, sym=True)])
 def test_model_logits_match_dequantized_twin(cfg):
     float_model = tiny_model()
@@ -146,13 +216,17 @@ def reference_driver(model, ids, cfg, chunk):
     """The reference's sequential recipe, plainly: for each group re-run the whole `block(x, cos, sin)` with
     hooks on the group's linears, quantize them, and finally re-run the quantized block. Returns the
     GPTQResults by qualified name; the model keeps fake-quantized float weights."""
-    knobs = {k: cfg[k] for k in ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym")}
+    keys = ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym", "scale_search")
+    knobs = {k: cfg[k] for k in keys}
     groups = _SEQUENTIAL_GROUPS if cfg["true_sequential"] else (sum(_SEQUENTIAL_GROUPS, ()),)
     results = {}
     with torch.no_grad():
         x = model.model.embed_tokens(ids)
         cos, sin = model.rope(torch.arange(ids.shape[1])[None], x.dtype)
         for i, block in enumerate(model.model.layers):
+            # each calibration token counts as often as its weight: position 0 sink_weight times
+            sqrt_w = torch.ones(ids.shape)
+            sqrt_w[:, 0] = cfg["sink_weight"] ** 0.5
             for names in groups:
                 inputs = {}
                 handles = [
@@ -166,8 +240,8 @@ def reference_driver(model, ids, cfg, chunk):
                     h.remove()
                 for n in names:
                     hess = _Hessian(inputs[n].shape[-1], x.device)
-                    for part in inputs[n].split(chunk):
-                        hess.add(part)
+                    for part, w in zip(inputs[n].split(chunk), sqrt_w.split(chunk), strict=True):
+                        hess.add(part, w)
                     linear = block.get_submodule(n)
                     res = gptq_quantize_weight(linear.weight.double(), hess.H.double(), **knobs)  # as on CPU
                     linear.weight.copy_(
@@ -180,9 +254,10 @@ def reference_driver(model, ids, cfg, chunk):
 
 @pytest.mark.parametrize("true_sequential", [True, False])
 @pytest.mark.parametrize("chunk", [8, 3])  # sequences per chunk: all in one; three chunks, the last one short
-def test_driver_equals_rerunning_the_block(monkeypatch, true_sequential, chunk):
+@pytest.mark.parametrize("sink_weight", [1, 9])
+def test_driver_equals_rerunning_the_block(monkeypatch, true_sequential, chunk, sink_weight):
     monkeypatch.setattr(gptq, "_CHUNK_TOKENS", chunk * 32)
-    cfg = gptq_cfg(act_order=True, true_sequential=true_sequential)
+    cfg = gptq_cfg(act_order=True, true_sequential=true_sequential, sink_weight=sink_weight)
     expected = reference_driver(tiny_model(), calib_ids(), cfg, chunk)
     qmodel = gptq_quantize_model(tiny_model(), calib_ids(), cfg, progress=False)
     for name, res in expected.items():

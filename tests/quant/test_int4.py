@@ -16,9 +16,12 @@ from safetensors.torch import load_file, save_file
 from quant.int4 import (
     Int4WeightOnlyLinear,
     dequantize,
+    group_qparams,
     pack_int4,
     padded_in_features,
+    quantize_values,
     rtn_quantize,
+    search_qparams,
     unpack_int4,
 )
 
@@ -71,11 +74,45 @@ def test_rtn_error_within_half_step(sym):
     if sym:
         assert bool((zeros == 8).all())
     err = (dequantize(q, scales, zeros, 32) - w).abs()
-    step = scales.repeat_interleave(32, dim=1)
-    # asymmetric: min and max are on the grid, so every weight is within half a step; symmetric: the
-    # grid reaches -8 steps but only +7, so the largest positive weight may clip by up to one step
+    step = scales.abs().repeat_interleave(32, dim=1)
+    # asymmetric: min and max are on the grid, so every weight is within half a step; symmetric (llama.cpp's Q4_0):
+    # the largest magnitude is exactly level -8, the other sign reaches only 7 steps, so it may clip by one step
     bound = 0.5 if not sym else 1.0
     assert bool((err <= bound * step + 1e-6).all())
+
+
+def test_symmetric_grid_is_llamacpp_q4_0():
+    w = torch.tensor([[0.5, -0.25, 0.1, 0.0], [-0.8, 0.3, 0.7, -0.1], [0.0, 0.0, 0.0, 0.0]])
+    scale, zero = group_qparams(w, sym=True)
+    # Q4_0: d = (the weight of largest magnitude, with its sign) / -8, levels (q - 8) * d
+    assert torch.equal(scale[:, 0], torch.tensor([0.5 / -8, -0.8 / -8, 1.0]))
+    assert bool((zero == 8).all())
+    deq = (quantize_values(w, scale, zero) - zero) * scale
+    assert deq[0, 0] == 0.5 and deq[1, 0] == -0.8  # the largest magnitude sits exactly on level -8
+    assert torch.equal(deq[2], w[2])  # an all-zero group stays zero
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_scale_search_never_loses_to_min_max(sym, weighted):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 4, 32, generator=gen)
+    w[:, :, 0] *= 4  # outliers, so clipping the range can pay
+    imp = torch.rand(32, generator=gen) ** 4 if weighted else None
+    ones = torch.ones(32)
+
+    def err(scale, zero):
+        e = (w - (quantize_values(w, scale, zero) - zero) * scale).square()
+        return (e * (imp if weighted else ones)).sum(-1)
+
+    searched, minmax = err(*search_qparams(w, sym, imp)), err(*group_qparams(w, sym))
+    assert bool((searched <= minmax * (1 + 1e-6)).all())
+    assert searched.sum() < 0.95 * minmax.sum()  # and a better grid overall (measured 7% asymmetric, more symmetric)
+    # rtn_quantize(search=True) stores exactly the searched grid's rounding
+    scale, zero = search_qparams(w, sym)
+    q, scales, zeros = rtn_quantize(w.view(64, 128), 32, sym, search=True)
+    expected = (quantize_values(w, scale, zero) - zero) * scale
+    assert torch.equal(dequantize(q, scales, zeros, 32).view_as(w), expected)
 
 
 @pytest.mark.parametrize(("K", "g"), [(128, 32), (256, 64), (256, 128), (512, 256), (96, 64), (80, 32)])
