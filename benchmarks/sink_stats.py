@@ -82,7 +82,7 @@ def main() -> None:
             inputs: dict[str, torch.Tensor] = {}
             hooks = [
                 block.get_submodule(names[0]).register_forward_pre_hook(
-                    lambda mod, args, key=key: inputs.__setitem__(key, args[0].double())
+                    lambda mod, args, key=key, store=inputs: store.__setitem__(key, args[0].double())
                 )
                 for key, names in INPUTS.items()
             ]
