@@ -48,9 +48,13 @@ def group_qparams(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tenso
     The range always includes 0, so zero-padded columns and dead columns quantize exactly to 0.
     """
     zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
-    wmin = torch.minimum(w.amin(-1, keepdim=True), zero_t)
-    wmax = torch.maximum(w.amax(-1, keepdim=True), zero_t)
-    # An all-zero group would give scale 0; the reference widens it to [-1, 1] (any scale works, q = zero).
+    return _minmax_grid(
+        torch.minimum(w.amin(-1, keepdim=True), zero_t), torch.maximum(w.amax(-1, keepdim=True), zero_t), sym
+    )
+
+
+def _minmax_grid(wmin: torch.Tensor, wmax: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # wmin <= 0 <= wmax. An all-zero group would give scale 0; the reference widens it to [-1, 1] (q = zero).
     empty = (wmin == 0) & (wmax == 0)
     if sym:
         # llama.cpp's Q4_0 grid: the weight of largest magnitude, with its sign, sits exactly on level -8
@@ -74,20 +78,29 @@ def search_qparams(
     """scale, zero [..., 1] for the groups in the last dim of w [..., g] that minimise the weighted round-trip error
     sum_j importance_j (w_j - (q_j - zero) scale)^2 (importance [g], broadcast; None: all 1).
 
-    For each range factor in SEARCH_FACTORS: the min-max grid of the scaled range (`group_qparams(w * f)`), the
-    weights rounded on it, then the scale refitted to those integers by weighted least squares (zero kept);
-    the candidate with the least error wins. importance = the diagonal of GPTQ's Hessian (the squared inputs of
-    each column) is llama.cpp's importance-matrix idea; None is GPTQModel's `mse` search.
+    For each range factor f in SEARCH_FACTORS: the min-max grid of the range scaled by f, the weights rounded on it
+    to integer levels L, then the scale refitted to those levels by weighted least squares (zero kept), whose error
+    is sum imp w^2 - (sum imp w L)^2 / sum imp L^2 in closed form; the factor with the least error wins. Rounding
+    again on the winning grid (what the callers do) can only lower the error further. importance = the diagonal of
+    GPTQ's Hessian (each column's squared inputs) is llama.cpp's importance-matrix idea; None is a plain
+    least-squares search (GPTQModel's `mse` option is its unrefitted form).
     """
     imp = torch.ones_like(w) if importance is None else importance.to(w.dtype).expand_as(w)
+    iw = imp * w
+    total = (iw * w).sum(-1, keepdim=True)
+    zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
+    wmin = torch.minimum(w.amin(-1, keepdim=True), zero_t)
+    wmax = torch.maximum(w.amax(-1, keepdim=True), zero_t)
     best_err = best_scale = best_zero = None
     for f in SEARCH_FACTORS:
-        scale, zero = group_qparams(w * f, sym)
-        levels = quantize_values(w, scale, zero) - zero  # [..., g]
-        num, den = (imp * w * levels).sum(-1, keepdim=True), (imp * levels * levels).sum(-1, keepdim=True)
-        scale = torch.where(den > 0, num / den.clamp_min(1e-30), scale)
-        scale = torch.where(scale == 0, 1.0, scale)  # an all-zero group: any scale, q = zero
-        err = (imp * (w - (quantize_values(w, scale, zero) - zero) * scale).square()).sum(-1, keepdim=True)
+        scale, zero = _minmax_grid(wmin * f, wmax * f, sym)
+        levels = quantize_values(w, scale, zero).sub_(zero)  # [..., g]
+        num = (iw * levels).sum(-1, keepdim=True)
+        den = (imp * levels).mul_(levels).sum(-1, keepdim=True)
+        fitted = den > 0
+        den = torch.where(fitted, den, 1.0)
+        scale = torch.where(fitted & (num != 0), num / den, scale)  # num == 0: an all-zero group, keep its grid
+        err = torch.where(fitted, total - num * num / den, total)
         if best_err is None:
             best_err, best_scale, best_zero = err, scale, zero
         else:
