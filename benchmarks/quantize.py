@@ -113,9 +113,13 @@ def _forward(model, calib: torch.Tensor, passes: int) -> None:
             model(row[None].to(dev))
 
 
-def _reference_weight(W, H, *, groupsize, blocksize, percdamp, act_order, static_groups, sym) -> gptq.GPTQResult:
+def _reference_weight(
+    W, H, *, groupsize, blocksize, percdamp, act_order, static_groups, sym, scale_search
+) -> gptq.GPTQResult:
     """quant.gptq.gptq_quantize_weight's contract, computed by the column-by-column reference (fp64, no lazy
-    batches; blocksize does not apply)."""
+    batches; blocksize does not apply; min-max grids only)."""
+    if scale_search:
+        sys.exit("--reference compares the paper's min-max grids: add quantizer.scale_search=false")
     g, K = groupsize, W.shape[1]
     q, s, z, order = reference_gptq(W, H, g, percdamp, act_order, static_groups, sym)
     if act_order and not static_groups:  # groups are runs of g columns in quantization order
