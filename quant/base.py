@@ -20,6 +20,8 @@ exactly these keys (`PARAMS`; an unknown or missing key is an error, so a typo c
                                          token ids [nsamples, seqlen] (the runner builds them from `calibration`
                                          with `seed`). act_order helps most on outlier-heavy layers; without
                                          static_groups it stores a g_idx and reorders inputs at run time.
+                                         sink_weight / attention_weight weight calibration tokens in the
+                                         Hessians; scale_search picks each group's scale by a diag(H)-weighted search.
 
 Contract, in the order the runner calls it (gpt-fast's two-phase quantized loading):
 

@@ -20,7 +20,13 @@ the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IS
 - act_order: columns are processed in order of decreasing diag(H). Without `static_groups`, groups are formed
   along that order and `g_idx` records each column's group; with `static_groups`, groups are the natural
   contiguous ones with qparams computed up front from the (dead-zeroed) unpermuted weight, so no g_idx.
-- sym: zero fixed to 8. Padding: K is padded to a multiple of the group size with zero columns whose H rows
+- Token weights (this project's departure from the paper, `quantizer.sink_weight` / `attention_weight`): H sums
+  w_t x_t x_t^T, so a token of weight w counts as w copies of it. Position 0 of each calibration window is an
+  attention sink (residual norm ~100x the others on SmolLM2) whose errors reach every later token; weighting it
+  is what makes GPTQ beat round-to-nearest on that model (README). Weight 1 everywhere is the paper's H.
+- Grids: min-max per group (the paper), or with `scale_search` the scale that minimises the group's round-trip
+  error weighted by diag(H) (quant.int4.search_qparams), chosen when the group's first column is reached.
+- sym: zero fixed to 8, scale = signed max / -8 (llama.cpp's Q4_0 grid). Padding: K is padded to a multiple of the group size with zero columns whose H rows
   and columns are zero (their inputs are always 0); they are dead, decoupled from the real columns, and
   quantize to exactly 0, so padding changes nothing for the real columns.
 
