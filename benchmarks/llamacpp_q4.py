@@ -80,9 +80,9 @@ def main() -> None:
     result = {"machine": machine(), "settings": {"windows": a.windows, "source": str(src), "overrides": a.overrides}}
     result["models"] = {}
 
-    def score(name: str, m, seconds: float | None = None) -> None:
+    def score(name: str, m, seconds: float | None = None, **extra) -> None:
         ppl, n = common.perplexity(m, tok, text, cfg.task.ppl_seqlen, a.windows, 1)
-        result["models"][name] = {"ppl": ppl, "windows": n, "seconds": seconds}
+        result["models"][name] = {"ppl": ppl, "windows": n, "seconds": seconds, **extra}
         log(f"{name}: ppl {ppl:.4f}")
         write_json(a.out, result)
 
@@ -116,8 +116,7 @@ def main() -> None:
                 )
             qcfg = _config([*a.overrides, "checkpointer=gguf", f"checkpointer.path={out}"])
             m, _ = common.load_model(qcfg, apply_quantizer=False)
-            result["models"][name] = {"bytes": out.stat().st_size}
-            score(name, m, c.wall)
+            score(name, m, c.wall, file_bytes=out.stat().st_size)
             del m
 
     for name, over in (
@@ -130,8 +129,7 @@ def main() -> None:
         m = copy.deepcopy(model)
         with Clock() as c:
             quantize_model(m, q, calib)
-        score(name, m, c.wall)
-        result["models"][name]["quantizer"] = q
+        score(name, m, c.wall, quantizer=q)
         del m
     print(json.dumps(result, indent=2))
 
