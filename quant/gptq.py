@@ -26,8 +26,8 @@ the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IS
   is what makes GPTQ beat round-to-nearest on that model (README). Weight 1 everywhere is the paper's H.
 - Grids: min-max per group (the paper), or with `scale_search` the scale that minimises the group's round-trip
   error weighted by diag(H) (quant.int4.search_qparams), chosen when the group's first column is reached.
-- sym: zero fixed to 8, scale = signed max / -8 (llama.cpp's Q4_0 grid). Padding: K is padded to a multiple of the group size with zero columns whose H rows
-  and columns are zero (their inputs are always 0); they are dead, decoupled from the real columns, and
+- sym: zero fixed to 8, scale = signed max / -8 (llama.cpp's Q4_0 grid). Padding: K is padded to a multiple of
+  the group size with zero columns whose H rows and columns are zero (their inputs are always 0); they are dead, decoupled from the real columns, and
   quantize to exactly 0, so padding changes nothing for the real columns.
 
 `gptq_quantize_model` runs the sequential recipe over a `models.llama.Transformer`: embed the calibration batch,
@@ -155,18 +155,41 @@ def gptq_quantize_weights(
         # stable: ties (e.g. dead columns, all at 1) order the same way on every device
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[perm], H[perm[:, None], perm]
+    static = None  # per-column (scale, zero) [Kp, N] in permuted order, with static_groups
     if static_groups:
         col_group = (perm if act_order else torch.arange(Kp, device=dev)) // g  # [Kp], permuted order
-        col_scale = s_static[:, col_group, 0].t().contiguous()  # [Kp, N]
-        col_zero = z_static[:, col_group, 0].t().contiguous()
+        static = (s_static[:, col_group, 0].t().contiguous(), z_static[:, col_group, 0].t().contiguous())
 
     H.diagonal().add_(damp)
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError as e:
         raise RuntimeError("GPTQ: damped Hessian is not positive definite; increase quantizer.percdamp") from e
-    d = U.diagonal().tolist()
 
+    Q, scales, zeros, losses = _column_loop(W, U, g, blocksize, qparams, static)
+
+    g_idx = None
+    if act_order:
+        inv = torch.argsort(perm)
+        Q = Q[inv]
+        if not static_groups:
+            g_idx = (torch.arange(Kp, device=dev) // g)[inv].to(torch.int32)
+    if static_groups:
+        scales, zeros = s_static[..., 0], z_static[..., 0]
+    else:
+        scales, zeros = scales.t(), zeros.t()
+
+    return _split_results(N_i, W0, H0, Q, scales, zeros, g_idx, losses, g)
+
+
+def _column_loop(W, U, g, blocksize, qparams, static) -> tuple:
+    """GPTQ's column loop over W [Kp, N] (transposed, permuted order; updated in place) with U the upper Cholesky
+    factor of the damped inverse Hessian. Group grids come from `qparams(group [N, g], columns)` when a group's
+    first column is reached, or per column from `static` = (scale, zero) [Kp, N]. Returns Q [Kp, N]
+    (integer-valued), scales and zeros [G, N] (unused with `static`) and the per-row losses [N]."""
+    Kp, N = W.shape
+    dt, dev = W.dtype, W.device
+    d = U.diagonal().tolist()
     Q = torch.empty_like(W)  # integer-valued, [Kp, N], permuted column order
     Err = torch.empty(min(blocksize, Kp), N, dtype=dt, device=dev)  # the current block's scaled errors
     losses = torch.zeros(N, dtype=dt, device=dev)
@@ -177,8 +200,8 @@ def gptq_quantize_weights(
         for col in range(i1, i2):
             i = col - i1
             E, u = Err[:i].t(), U[i1:col]  # the block's errors so far [N, i] and their rows of U [i, Kp]
-            if static_groups:
-                scale, zero = col_scale[col], col_zero[col]
+            if static is not None:
+                scale, zero = static[0][col], static[1][col]
             elif col % g == 0:
                 grp = W[col : col + g] - u[:, col : col + g].t() @ E.t()  # [g, N], up to date
                 scale, zero = qparams(grp.t(), slice(col, col + g))  # [N, 1]
@@ -192,17 +215,13 @@ def gptq_quantize_weights(
         losses += Err[:B].square().sum(0)
         W[i2:].addmm_(U[i1:i2, i2:].t(), Err[:B], alpha=-1)
 
-    g_idx = None
-    if act_order:
-        inv = torch.argsort(perm)
-        Q = Q[inv]
-        if not static_groups:
-            g_idx = (torch.arange(Kp, device=dev) // g)[inv].to(torch.int32)
-    if static_groups:
-        scales, zeros = s_static[..., 0], z_static[..., 0]
-    else:
-        scales, zeros = scales.t(), zeros.t()
+    return Q, scales, zeros, losses
 
+
+def _split_results(N_i, W0, H0, Q, scales, zeros, g_idx, losses, g) -> list[GPTQResult]:
+    """One GPTQResult per stacked weight (rows N_i of Q [Kp, N], scales/zeros [N, G]), with its output-space SQNR
+    on the calibration inputs: 10 log10(tr(W H W^T) / tr(E H E^T)), E the quantization error."""
+    K = W0.shape[1]
     # Self-check in fp32: a dB figure needs no more, and fp32 halves the cost of these two [N, K] x [K, K] products.
     W0, H0 = W0.float(), H0.float()
     E = W0 - dequantize(Q.t(), scales.float(), zeros.float(), g, g_idx)[:, :K]  # [N, K]

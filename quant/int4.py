@@ -6,9 +6,9 @@ input columns; group g of row n has a float `scale` and an integer-valued `zero`
 
     q = clamp(round(w / scale) + zero, 0, 15),      w ~ (q - zero) * scale.
 
-`sym=True` fixes zero = 8 and scale = (the group's weight of largest magnitude) / -8, llama.cpp's Q4_0 grid. When K % groupsize != 0 the weight is padded with zero
-columns up to Kp = groupsize * ceil(K / groupsize) (zero columns quantize exactly to 0) and the input is padded
-with zeros at run time, so no layer is ever left in float.
+`sym=True` fixes zero = 8 and scale = (the group's weight of largest magnitude) / -8, llama.cpp's Q4_0 grid.
+When K % groupsize != 0 the weight is padded with zero columns up to Kp = groupsize * ceil(K / groupsize) (zero
+columns quantize exactly to 0) and the input is padded with zeros at run time, so no layer is ever left in float.
 
 `Int4WeightOnlyLinear` state dict (all plain tensors, so it round-trips through safetensors):
     qweight  uint8 [N, Kp/2]   two nibbles per byte, even column in the high nibble (the layout CUDA's
@@ -47,10 +47,13 @@ def group_qparams(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tenso
 
     The range always includes 0, so zero-padded columns and dead columns quantize exactly to 0.
     """
+    return _minmax_grid(*_range(w), sym)
+
+
+def _range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and max [..., 1] of each group in the last dim of w, widened to include 0."""
     zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
-    return _minmax_grid(
-        torch.minimum(w.amin(-1, keepdim=True), zero_t), torch.maximum(w.amax(-1, keepdim=True), zero_t), sym
-    )
+    return torch.minimum(w.amin(-1, keepdim=True), zero_t), torch.maximum(w.amax(-1, keepdim=True), zero_t)
 
 
 def _minmax_grid(wmin: torch.Tensor, wmax: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +91,7 @@ def search_qparams(
     imp = torch.ones_like(w) if importance is None else importance.to(w.dtype).expand_as(w)
     iw = imp * w
     total = (iw * w).sum(-1, keepdim=True)
-    zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
-    wmin = torch.minimum(w.amin(-1, keepdim=True), zero_t)
-    wmax = torch.maximum(w.amax(-1, keepdim=True), zero_t)
+    wmin, wmax = _range(w)
     best_err = best_scale = best_zero = None
     for f in SEARCH_FACTORS:
         scale, zero = _minmax_grid(wmin * f, wmax * f, sym)
