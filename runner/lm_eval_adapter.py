@@ -22,8 +22,8 @@ continuation token is scored by the logits one position before it. What differs 
   `Transformer.hidden`, then `Transformer.output` on the scored positions.
 - Rows are sorted longest first, so batches pad little and an out-of-memory error comes at once.
 `loglikelihood_rolling` cuts each text into lm-eval's disjoint windows of `max_length` tokens (each token scored
-once, with as much context as fits) and scores one window per row. `generate_until` runs the generate stage's
-sampler (runner.generate.generate) in batches, honouring `until`, `max_gen_toks` and the sampling arguments.
+once, with as much context as fits) and scores one window per row. `generate_until` runs the model's decoding loop
+(models.generate.generate) in batches, honouring `until`, `max_gen_toks` and the sampling arguments.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from models.generate import generate
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
 
@@ -248,8 +249,6 @@ class LMEvalModel(TemplateLM):
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from runner.generate import generate
-
         groups: dict[str, list[int]] = {}  # requests with equal generation arguments run in the same batches
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
