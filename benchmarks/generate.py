@@ -1,4 +1,4 @@
-"""Decode speed of runner.generate on SmolLM2-135M: against transformers' generate in the same dtype, int4 against
+"""Decode speed of models.generate on SmolLM2-135M: against transformers' generate in the same dtype, int4 against
 this project's bf16, and against the machine's memory bandwidth, all measured in one process. JSON out.
 
     python benchmarks/generate.py --out generate_bench.json
@@ -12,7 +12,7 @@ Runs, each `--repeats` times in rotation (so drift on a shared machine hits ever
 - memory bandwidth: a copy of a 1 GiB fp32 tensor (bytes read + bytes written per second), and a sum over it
   (bytes read per second);
 - fp32 and bf16: `transformers.LlamaForCausalLM.generate` (its defaults: eager, dynamic cache) on an HF copy of the
-  same weights; `runner.generate.generate` eager; the same with compile=True (compile time reported apart);
+  same weights; `models.generate.generate` eager; the same with compile=True (compile time reported apart);
 - int4_wo with groupsize 32 and 64 (quant/, bf16 activations: the CPU int4 kernel's dtype), eager and compiled.
 Both sides are timed alike, since transformers' generate does not report decode apart from prefill: decode
 tokens/s = (new_tokens - 1) / (t(new_tokens) - t(1)), in wall-clock and in this process's CPU time (the robust
@@ -46,8 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models.checkpoint import save_hf  # noqa: E402 - after the path setup above
+from models.generate import generate  # noqa: E402
 from runner import common  # noqa: E402
-from runner.generate import generate, weight_bytes  # noqa: E402
+from runner.generate import weight_bytes  # noqa: E402
 
 
 def _args() -> argparse.Namespace:

@@ -8,11 +8,23 @@ static KV cache.
 Parameter names are HF's `LlamaForCausalLM` state-dict keys (`model.layers.0.self_attn.q_proj.weight`,
 ...), so HF safetensors load with no key table and no q/k permutation.
 
-Calling conventions (shapes: B batch, T new tokens, S cache length):
+Calling conventions (shapes: B batch, T new tokens, S cache length, C hidden size, V vocabulary):
 - training / scoring: `model(input_ids)` is causal attention over the T tokens, positions 0..T-1.
+  `model(input_ids, logits_at=keep)` computes logits only where the bool mask `keep` [B, T] is True ([N, V]).
 - decoding: `model.setup_caches(B, S)`, then `model(input_ids, input_pos=pos)` writes the new keys
   and values at cache slots `pos` [T] and attends to every slot <= pos. For left-padded batches
   pass `position_ids` [B, T] (RoPE positions per row) and `key_padding_mask` [B, S] (True = real token).
+- the pieces of `forward`, for callers that need less or more than logits (all of them go through these, so no
+  code outside models/ re-implements the model):
+  `model.hidden(input_ids, ...)` -> the last block's output [B, T, C] (before the final norm), with forward's
+  inputs plus packed rows (`segment_ids`, `branch_ids`: see `attention_mask`, the one mask rule);
+  `model.output(h)` -> logits for hidden states h [..., C] (final norm, then the head), at positions the caller
+  picked; `model.rope(position_ids, dtype)` -> cos, sin; `Block.attn_branch` / `Block.mlp_branch` are the two
+  residual branches (`Block.forward` is `h = x + attn_branch(x); h + mlp_branch(h)`), and `Block.finish_attn` /
+  `Block.finish_mlp` complete them from the input of their last linear (GPTQ's driver); `Block.attention_probs`
+  is the attention the block's queries pay to its keys.
+- after building under `torch.device("meta")` and loading weights, call `model.init_rope()`: the RoPE frequencies
+  are a non-persistent buffer that no checkpoint carries.
 """
 
 from __future__ import annotations
@@ -126,6 +138,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def attention_mask(
+    query_pos: torch.Tensor,
+    n_keys: int,
+    key_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    branch_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The one attention rule: bool mask [B or 1, 1, T, S] (True = attend) for queries at slots query_pos [T] over
+    keys at slots 0..S-1 (S = n_keys), shared by every batch layout:
+
+    - causal: a query sees keys at slots <= its own;
+    - `key_padding_mask` [B, >= S] (True = real token): padded keys are hidden;
+    - `segment_ids` [B, S]: packed rows, a query sees only keys of its own segment;
+    - `branch_ids` [B, S]: within a segment, branch 0 is a prefix that every later token of the segment sees, and a
+      token of branch k > 0 also sees its own branch only (several continuations scored after one shared context).
+    Every query sees its own slot, whatever the rest says: a query with nothing visible (a padded one) would make
+    SDPA return NaN for its row.
+    """
+    slots = torch.arange(n_keys, device=query_pos.device)
+    own = slots[None, :] == query_pos[:, None]  # [T, S]
+    mask = (slots[None, :] <= query_pos[:, None])[None]  # [1, T, S]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, :n_keys]  # [B, T, S]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :] == segment_ids[:, query_pos, None])
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, :]  # [B, 1, S]
+        mask = mask & ((key_branch == 0) | (key_branch == branch_ids[:, query_pos, None]))
+    return (mask | own)[:, None]  # [B or 1, 1, T, S]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -165,12 +208,27 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, kvh, d
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def qk(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [B, H, T, D] and keys [B, KVH, T, D] of x [B, T, C], after RoPE."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def probs(self, x, cos, sin) -> torch.Tensor:
+        """Causal attention probabilities [B, H, T, T] (fp32, query by key) of x [B, T, C], as forward's SDPA
+        weighs the values (written out: SDPA does not return them)."""
+        T = x.shape[1]
+        q, k = self.qk(x, cos, sin)
+        q, k = q.float(), k.float().repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, H, T, D]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill_(~causal, -math.inf).softmax(-1)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape
+        q, k = self.qk(x, cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, KVH, S, D]
             q = q.to(k.dtype)  # attention runs in the cache's dtype (see Transformer.setup_caches)
@@ -195,6 +253,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: h = x + attn_branch(x), out = h + mlp_branch(h)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.self_attn = Attention(args)
@@ -202,9 +262,29 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    def attn_branch(self, x, cos, sin, mask=None, input_pos=None) -> torch.Tensor:
+        """What the attention adds to the residual stream x [B, T, C]."""
+        return self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+
+    def mlp_branch(self, h) -> torch.Tensor:
+        """What the MLP adds to the residual stream h [B, T, C]."""
+        return self.mlp(self.post_attention_layernorm(h))
+
+    def finish_attn(self, x, o_in) -> torch.Tensor:
+        """x + attn_branch(x), given o_proj's input o_in [B, T, H*D] from that branch (the branch's last step)."""
+        return x + self.self_attn.o_proj(o_in)
+
+    def finish_mlp(self, h, down_in) -> torch.Tensor:
+        """h + mlp_branch(h), given down_proj's input down_in [B, T, I] from that branch (the branch's last step)."""
+        return h + self.mlp.down_proj(down_in)
+
+    def attention_probs(self, x, cos, sin) -> torch.Tensor:
+        """[B, H, T, T]: the causal attention probabilities of this block on its input x [B, T, C]."""
+        return self.self_attn.probs(self.input_layernorm(x), cos, sin)
+
     def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = x + self.attn_branch(x, cos, sin, mask, input_pos)
+        return h + self.mlp_branch(h)
 
 
 class Decoder(nn.Module):
@@ -223,7 +303,6 @@ class Transformer(nn.Module):
         # Tied models have no lm_head module, so state-dict keys equal HF's saved keys.
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
-        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool, device="cpu"), persistent=False)
         self.max_batch_size = self.max_seq_length = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None):
@@ -240,14 +319,21 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(
                 max_batch_size, a.num_key_value_heads, max_seq_length, a.dim_head, dtype, device
             )
-        self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
     def clear_caches(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
-        self.causal_mask = torch.empty(0, dtype=torch.bool, device=self.inv_freq.device)
         self.max_batch_size = self.max_seq_length = 0
+
+    def init_rope(self) -> None:
+        """Rebuild the RoPE frequencies (`inv_freq`, on the embedding's device) from `args`.
+
+        They are a non-persistent buffer: no checkpoint carries them and loading weights leaves them as they were
+        (computed on CPU at construction, even under torch.device("meta"); uninitialised after `to_empty`). The
+        loaders call this once the weights are in, so the model never runs with frequencies it did not compute.
+        """
+        self.inv_freq = rope_frequencies(self.args).to(self.model.embed_tokens.weight.device)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos, sin of shape [B, 1, T, D] for position_ids [B, T] (fp32 maths, as HF)."""
@@ -256,19 +342,28 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def output(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] for hidden states h [..., C] from `hidden`: the final norm, then the output head. Both act
+        per position, so picking positions first (h[rows, cols]) gives those positions' logits and skips the rest."""
         h = self.model.norm(h)
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)
         return self.lm_head(h)
 
-    def forward(
+    def hidden(
         self,
         input_ids: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        branch_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]. See the module docstring for the arguments."""
+        """input_ids [B, T] -> the last block's output [B, T, C], before the final norm (`output` applies it).
+
+        input_pos, position_ids and key_padding_mask as in the module docstring; segment_ids and branch_ids [B, T]
+        (no cache) lay several sequences into one row, see `attention_mask`. Plain causal attention, the common
+        case, runs SDPA's causal kernel with no mask tensor.
+        """
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # [B, T, C]
         if position_ids is None:
@@ -278,16 +373,27 @@ class Transformer(nn.Module):
         if input_pos is not None:
             if self.max_seq_length == 0:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch, seq_len) first")
-            mask = self.causal_mask[input_pos][None, None]  # [1, 1, T, S]
-            if key_padding_mask is not None:
-                # A padded query row must see at least itself, or SDPA returns NaN for it.
-                own = F.one_hot(input_pos, self.max_seq_length).bool()[None, None]  # [1, 1, T, S]
-                mask = mask & (key_padding_mask[:, None, None, :] | own)  # [B, 1, T, S]
-        elif key_padding_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            own = torch.eye(T, dtype=torch.bool, device=x.device)
-            mask = causal[None, None] & (key_padding_mask[:, None, None, :T] | own)  # [B, 1, T, T]
+            mask = attention_mask(input_pos, self.max_seq_length, key_padding_mask)  # [B or 1, 1, T, S]
+        elif key_padding_mask is not None or segment_ids is not None or branch_ids is not None:
+            query_pos = torch.arange(T, device=input_ids.device)
+            mask = attention_mask(query_pos, T, key_padding_mask, segment_ids, branch_ids)  # [B, 1, T, T]
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return self.output(x)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V], or [N, V] at the N True positions of logits_at [B, T] (bool).
+
+        Training calls this rather than `hidden` and `output` so that wrappers hooked on the model's forward
+        (FSDP2's unsharding of the embedding, final norm and head) run around the whole pass.
+        """
+        h = self.hidden(input_ids, input_pos, position_ids, key_padding_mask)
+        return self.output(h if logits_at is None else h[logits_at])

@@ -32,7 +32,9 @@ the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IS
 
 `gptq_quantize_model` runs the sequential recipe over a `models.llama.Transformer`: embed the calibration batch,
 then per decoder block capture each linear's Hessian with forward pre-hooks (one fp32 matmul per chunk),
-quantize, and feed the batch through the quantized block to produce the next block's inputs. With
+quantize, and feed the batch through the quantized block to produce the next block's inputs. The block runs only
+through its own methods (`Block.attn_branch`, `mlp_branch`, `finish_attn`, `finish_mlp`, `attention_probs`):
+this file never re-writes its norms, residual adds or attention. With
 `true_sequential` the groups q/k/v, o, gate/up, down are quantized in turn, each calibrated on the outputs of the
 already-quantized groups (see `_sequential_block` for how this avoids re-running the whole block per group).
 Memory holds a few [nsamples, seqlen, hidden] activation buffers of one block; the block runs in chunks of about
@@ -54,7 +56,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.llama import apply_rope
 from quant.int4 import MAXQ, Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features, search_qparams
 
 log = logging.getLogger(__name__)
@@ -360,17 +361,17 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) 
     """true_sequential: q/k/v, then o, then gate/up, then down, each calibrated on its quantized predecessors.
 
     The reference re-runs the whole block for each group. Here each capture runs only the residual branch it
-    needs, and the inputs of o_proj and down_proj are kept from their captures (one block's activations), so the
-    attention and gate/up each run once per block after their own quantization, where the reference runs the
-    whole block five times; the values are the ones the block's own forward computes. This
-    mirrors models.llama.Block.forward, `h = x + self_attn(input_layernorm(x)); out = h + mlp(
-    post_attention_layernorm(h))`; tests/quant/test_gptq.py holds it to a driver that re-runs `block(x)`.
+    needs (`Block.attn_branch`, `Block.mlp_branch`), and the inputs of o_proj and down_proj are kept from their
+    captures (one block's activations) and finished with `Block.finish_attn` / `finish_mlp` once those linears are
+    quantized, so the attention and gate/up each run once per block after their own quantization, where the
+    reference runs the whole block five times; the values are the ones the block's own forward computes.
+    tests/quant/test_gptq.py holds it to a driver that re-runs `block(x)`.
     """
-    attn, mlp, n_seq = block.self_attn, block.mlp, x.shape[0]
+    n_seq = x.shape[0]
     qkv, o, gate_up, down = _SEQUENTIAL_GROUPS
 
     def run_attn(s, e):
-        attn(block.input_layernorm(x[s:e]), cos, sin, None, None)
+        block.attn_branch(x[s:e], cos, sin)
 
     hessians, _ = _capture(block, qkv, run_attn, n_seq, chunk, sqrt_w)
     _quantize_group(block, index, qkv, hessians, knobs, results)
@@ -378,18 +379,18 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) 
     _quantize_group(block, index, o, hessians, knobs, results)
     h = torch.empty_like(x)
     for s in range(0, n_seq, chunk):
-        h[s : s + chunk] = x[s : s + chunk] + attn.o_proj(context[s : s + chunk])  # o_proj is attention's output
+        h[s : s + chunk] = block.finish_attn(x[s : s + chunk], context[s : s + chunk])
     del context
 
     def run_mlp(s, e):
-        mlp(block.post_attention_layernorm(h[s:e]))
+        block.mlp_branch(h[s:e])
 
     hessians, _ = _capture(block, gate_up, run_mlp, n_seq, chunk, sqrt_w)
     _quantize_group(block, index, gate_up, hessians, knobs, results)
     hessians, act = _capture(block, down, run_mlp, n_seq, chunk, sqrt_w, keep=down[0])  # act: [S, T, intermediate]
     _quantize_group(block, index, down, hessians, knobs, results)
     for s in range(0, n_seq, chunk):
-        h[s : s + chunk] += mlp.down_proj(act[s : s + chunk])  # down_proj is the MLP's output
+        h[s : s + chunk] = block.finish_mlp(h[s : s + chunk], act[s : s + chunk])
     return h
 
 
@@ -412,20 +413,10 @@ def attention_received(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
     The attention sink (position 0) receives most of every query's attention: its value is near T times the
     share it gets, hundreds for 1024-token windows, where later tokens receive about 1 or less.
     """
-    attn = block.self_attn
     S, T, _ = x.shape
     out = torch.empty(S, T, dtype=torch.float32, device=x.device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    rep = attn.n_heads // attn.n_kv_heads
-    for s in range(S):  # one sequence at a time: the scores are [H, T, T]
-        h = block.input_layernorm(x[s : s + 1])
-        q = attn.q_proj(h).view(1, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(1, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
-        k = k.repeat_interleave(rep, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)  # [1, H, T, T]
-        probs = scores.masked_fill_(~causal, -math.inf).softmax(-1)
-        out[s] = probs.sum(2).mean(1)[0]
+    for s in range(S):  # one sequence at a time: the probabilities are [H, T, T]
+        out[s] = block.attention_probs(x[s : s + 1], cos, sin).sum(2).mean(1)[0]
     return out
 
 

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoint import check_and_load, load_checkpoint
-from models.llama import ModelArgs, Transformer, rope_frequencies
+from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
 from runner.logging import NoOpLogger, build_logger
 
@@ -228,7 +228,7 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
             check_and_load(model, sd, path)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        model.inv_freq = rope_frequencies(args)
+        model.init_rope()
     q = cfg.quantizer
     if apply_quantizer and q.name != "none":
         if saved_q["name"] != "none":

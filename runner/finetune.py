@@ -58,7 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from models.checkpoint import save_native
-from models.llama import Transformer, rope_frequencies
+from models.llama import Transformer
 from models.lora import apply_lora, merge_lora, save_adapter
 from runner import common, data
 
@@ -224,13 +224,9 @@ def _summed_nll(model, x: torch.Tensor, y: torch.Tensor, amp: bool) -> torch.Ten
     """Summed next-token loss of inputs x [B, T] against targets y [B, T] (IGNORE_INDEX: no target)."""
     keep = y != data.IGNORE_INDEX  # [B, T]
     # The output head and its softmax are about a fifth of the compute at a 49k vocabulary, and prompt and padding
-    # positions need neither: a pre-hook on the final norm (the head's only input) keeps the target rows, [N, C].
-    hook = model.model.norm.register_forward_pre_hook(lambda module, args: (args[0][keep],))
-    try:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            logits = model(x)  # [N, V]
-    finally:
-        hook.remove()
+    # positions need neither: the model computes the logits at the target positions only, [N, V].
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        logits = model(x, logits_at=keep)  # [N, V]
     return F.cross_entropy(logits.float(), y[keep], reduction="sum")
 
 
@@ -334,7 +330,7 @@ def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
     if t.method == "lora":
         apply_lora(final, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
     final.load_state_dict(sd, assign=True)
-    final.inv_freq = rope_frequencies(model.args)
+    final.init_rope()
     if t.method == "lora":
         base = {"checkpointer": cfg.checkpointer.name, "path": cfg.checkpointer.path, "source": cfg.model.source}
         save_adapter(out / "adapter", final, {**OmegaConf.to_container(t.lora, resolve=True), "base_model": base})

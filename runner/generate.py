@@ -27,8 +27,8 @@ Knobs (conf/task/generate.yaml):
   and is reported as `generate/compile_s`, outside the decode timing; it pays off for long generations.
 - `stream` prints a single prompt's completion token by token; batches are printed when they finish.
 
-`generate(model, tokenizer, prompts, ...)` is the sampler as a plain function over token ids; the eval stage
-uses it for lm-eval's generate_until.
+The decoding loop and the sampler are `models.generate.generate` (a plain function over token ids, which the eval
+adapter also uses for lm-eval's generate_until); this module reads the knobs, runs it and reports.
 """
 
 from __future__ import annotations
@@ -37,186 +37,19 @@ import json
 import logging
 import resource
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from models.generate import generate
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
 from runner import common
 
 log = logging.getLogger(__name__)
 
-# Inductor's decompose_mm_pass rewrites a batch-1 product whose weight is at most 2048 x 2048 (its CPU cut-off) as a
-# fused multiply-reduce that streams the weight once; on SmolLM2's block linears it measured ~1.3x (bf16) and ~1.8x
-# (fp32) faster than the BLAS GEMV (1 thread). Larger products, such as the output head, keep the BLAS call.
-_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
-
-# --- the sampler -----------------------------------------------------------------------------------------------
-def _sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits [B, V] -> next token ids [B]."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)  # [B, V]
-        probs = sorted_logits.softmax(-1)
-        # Drop a token once the more likely ones already hold top_p of the mass; the most likely always stays.
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-def _visible(text: str, stop_strings: list[str]) -> tuple[str, bool]:
-    """(text safe to show, whether a stop string ended it). Holds back a tail that may still grow into a stop
-    string or is an unfinished UTF-8 character (decoded as U+FFFD)."""
-    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
-    if cuts:
-        return text[: min(cuts)], True
-    hold = max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    text = text[: len(text) - hold]
-    return text.rstrip("\ufffd"), False
-
-
-@torch.no_grad()
-def generate(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float,
-    stop_ids: set[int],
-    stop_strings: list[str],
-    generator: torch.Generator | None,
-    compile: bool = False,
-    on_text: Callable[[int, str], None] | None = None,
-) -> list[dict]:
-    """Complete a batch of tokenized prompts (lengths may differ) with one static KV cache.
-
-    Returns one dict per prompt: `ids` (generated ids, a final stop id included), `text` (the completion, stop id
-    and stop string cut off), `finish_reason` ("eos": a stop id, "stop": a stop string, "length"),
-    `prompt_tokens`, `completion_tokens` and `timings` (shared by the batch): time_to_first_token_s (prefill),
-    decode_s, decode_steps, compile_s. `temperature` 0 is greedy (generator unused). `on_text(row, text)`, when
-    given, receives each row's visible completion after every token and once more when the row ends.
-    """
-    B = len(prompts)
-    lens = [len(p) for p in prompts]
-    ctx = model.args.max_position_embeddings
-    if B == 0 or min(lens) == 0:
-        raise ValueError("generate: every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-    P = max(lens)
-    S = P + max_new_tokens  # cache slots: prompt, then one per fed-back token
-    if S > ctx:
-        raise ValueError(f"generate: {P} prompt tokens + max_new_tokens={max_new_tokens} exceed the context of {ctx}")
-    dev = model.inv_freq.device
-    ids = torch.full((B, P), tokenizer.pad_id, dtype=torch.long)  # [B, P], left-padded
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p) :] = torch.tensor(p)
-    ids = ids.to(dev)
-    pad = torch.tensor([P - n for n in lens], device=dev)[:, None]  # [B, 1]
-    slots = torch.arange(S, device=dev)  # cache slot == column of the padded batch
-    padded = min(lens) != P
-    # Equal lengths need neither masks nor per-row positions: the decode step then does the least work.
-    kpm = slots[None] >= pad if padded else None  # [B, S], True = real token
-    prefill_pos = (slots[None, :P] - pad).clamp(min=0) if padded else None  # [B, P]
-
-    # The norm weights stay in the activation dtype even when the linear weights are quantized. On CPU the cache
-    # (and so attention) is float32 whatever the activations: see Transformer.setup_caches.
-    act_dtype = model.model.norm.weight.dtype
-    model.setup_caches(B, S, dtype=torch.float32 if dev.type == "cpu" else act_dtype)
-    try:
-        t0 = time.perf_counter()
-        # Prefill runs eager: prompt lengths vary between calls, and int4 layers build their kernel layout here.
-        logits = model(ids, input_pos=slots[:P], position_ids=prefill_pos, key_padding_mask=kpm)  # [B, P, V]
-        tok = _sample(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
-        out: list[list[int]] = [[] for _ in range(B)]
-        text = [""] * B
-        finish: list[str | None] = [None] * B
-
-        def take(toks: list[int]) -> bool:
-            """Append each unfinished row's new token, apply the stop rules; True once every row has ended."""
-            for b, t_ in enumerate(toks):
-                if finish[b] is not None:
-                    continue
-                out[b].append(t_)
-                if t_ in stop_ids:
-                    finish[b] = "eos"
-                if stop_strings or on_text is not None:
-                    gen = out[b][:-1] if finish[b] else out[b]
-                    text[b], hit = _visible(tokenizer.decode(gen), stop_strings)
-                    if hit:
-                        finish[b] = "stop"
-                    if on_text is not None:
-                        on_text(b, text[b])
-            return all(f is not None for f in finish)
-
-        done = take(tok.tolist())
-        ttft = time.perf_counter() - t0
-        step, compile_s = model, 0.0
-        if compile and not done and max_new_tokens > 1:  # nothing to compile for when no decode step follows
-            t = time.perf_counter()
-            # Static shapes: every decode step has the same [B, 1] input and [B, S] cache.
-            step = torch.compile(model, dynamic=False, options=_COMPILE_OPTIONS)
-            # Warm up on the last cache slot: a real step writes that slot again before anything attends to it.
-            last = slots[S - 1 :]
-            for _ in range(2):
-                step(tok[:, None], input_pos=last, position_ids=last - pad if padded else None, key_padding_mask=kpm)
-            compile_s = time.perf_counter() - t
-        t1 = time.perf_counter()
-        n_steps = 0
-        for i in range(1, max_new_tokens):
-            if done:
-                break
-            p = slots[P + i - 1 : P + i]  # [1]: the slot of the token fed back
-            logits = step(tok[:, None], input_pos=p, position_ids=p - pad if padded else None, key_padding_mask=kpm)
-            tok = _sample(logits[:, -1], temperature, top_k, top_p, generator)
-            done = take(tok.tolist())
-            n_steps += 1
-        t2 = time.perf_counter()
-    finally:
-        model.clear_caches()
-
-    timings = {
-        "time_to_first_token_s": ttft,  # prefill and the first sample
-        "decode_s": t2 - t1,
-        "decode_steps": n_steps,
-        "compile_s": compile_s,
-    }
-    results = []
-    for b in range(B):
-        reason = finish[b] or "length"
-        if reason != "stop":  # no stop string in it: the whole decoded text, nothing held back
-            text[b] = tokenizer.decode(out[b][:-1] if reason == "eos" else out[b])
-        if on_text is not None:
-            on_text(b, text[b])
-        results.append(
-            {
-                "ids": out[b],
-                "text": text[b],
-                "finish_reason": reason,
-                "prompt_tokens": lens[b],
-                "completion_tokens": len(out[b]),
-                "timings": timings,
-            }
-        )
-    return results
-
-
-# --- the stage -------------------------------------------------------------------------------------------------
 def _check_knobs(t: DictConfig) -> None:
     if t.max_new_tokens < 1:
         raise common.ConfigError(f"task.max_new_tokens={t.max_new_tokens} is out of range; use an integer >= 1")

@@ -11,17 +11,19 @@ the code its HF backend (`HFLM`) runs as well, so both split a request into the 
 continuation token is scored by the logits one position before it. What differs is the work done for it:
 - Requests with the same (truncated) context, such as the choices of one multiple-choice question, form one unit:
   the context once, then each continuation minus its last token, with positions restarting after the context and
-  a block mask so each continuation sees only the context and itself. The context's last position scores the first
+  a block mask so each continuation sees only the context and itself (the model's own mask rule,
+  `models.llama.attention_mask`, with the unit as segment and the continuation as branch). The context's last position scores the first
   token of every continuation. A 4-choice question computes its context once instead of 4 times.
 - Units are packed into rows (`_pack`: longest first, then the longest that still fits) of about the longest
   unit's length (at least `_PACK_MIN_TOKENS`); the mask also keeps units apart and positions restart per unit.
   Rows then need almost no padding: on 50 PIQA questions, 50% of the computed tokens were padding with one unit
   per row.
-- The output head and log-softmax run only at scored positions, in chunks (fp32), never over [B, T, vocab].
+- The output head and log-softmax run only at scored positions, in chunks (fp32), never over [B, T, vocab]:
+  `Transformer.hidden`, then `Transformer.output` on the scored positions.
 - Rows are sorted longest first, so batches pad little and an out-of-memory error comes at once.
 `loglikelihood_rolling` cuts each text into lm-eval's disjoint windows of `max_length` tokens (each token scored
-once, with as much context as fits) and scores one window per row. `generate_until` runs the generate stage's
-sampler (runner.generate.generate) in batches, honouring `until`, `max_gen_toks` and the sampling arguments.
+once, with as much context as fits) and scores one window per row. `generate_until` runs the model's decoding loop
+(models.generate.generate) in batches, honouring `until`, `max_gen_toks` and the sampling arguments.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from models.generate import generate
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
 
@@ -195,8 +198,8 @@ class LMEvalModel(TemplateLM):
         B = len(rows)
         ids = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
-        unit_of = torch.full((B, T), -1, dtype=torch.long)  # unit number within the row; -1 = padding
-        seg = torch.full((B, T), -1, dtype=torch.long)  # 0 = context, k = k-th continuation of the unit
+        unit_of = torch.full((B, T), -1, dtype=torch.long)  # unit number within the row (segment); -1 = padding
+        seg = torch.full((B, T), -1, dtype=torch.long)  # branch: 0 = context, k = k-th continuation of the unit
         q_row, q_col, target, spans = [], [], [], []
         masked = False
         for b, row in enumerate(rows):
@@ -220,24 +223,19 @@ class LMEvalModel(TemplateLM):
                     q_col += [last_ctx, *range(off, off + n)]
                     target += cont
                     off += n
-        mask = None
-        if masked:
-            causal = torch.ones(T, T, dtype=torch.bool).tril()
-            same_unit = unit_of[:, None, :] == unit_of[:, :, None]  # [B, T(query), T(key)]
-            visible = same_unit & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-            # Every position sees itself (a padded query with nothing visible would make SDPA return NaN).
-            mask = ((causal & visible) | torch.eye(T, dtype=torch.bool))[:, None].to(self._device)  # [B, 1, T, T]
-
-        m = self.model
-        x = m.model.embed_tokens(ids.to(self._device))  # [B, T, C]
-        cos, sin = m.rope(pos.to(self._device), x.dtype)
-        for layer in m.model.layers:
-            x = layer(x, cos, sin, mask)
-        q_row = torch.tensor(q_row, device=self._device)
-        q_col = torch.tensor(q_col, device=self._device)
-        target = torch.tensor(target, device=self._device)
-        logprob = torch.empty(len(target), dtype=torch.float32, device=self._device)
-        greedy = torch.empty(len(target), dtype=torch.bool, device=self._device)
+        m, dev = self.model, self._device
+        # One row holding several units or continuations needs the packed mask; else plain causal attention.
+        x = m.hidden(
+            ids.to(dev),
+            position_ids=pos.to(dev),
+            segment_ids=unit_of.to(dev) if masked else None,
+            branch_ids=seg.to(dev) if masked else None,
+        )  # [B, T, C]
+        q_row = torch.tensor(q_row, device=dev)
+        q_col = torch.tensor(q_col, device=dev)
+        target = torch.tensor(target, device=dev)
+        logprob = torch.empty(len(target), dtype=torch.float32, device=dev)
+        greedy = torch.empty(len(target), dtype=torch.bool, device=dev)
         chunk = max(1, _HEAD_CHUNK_ELEMENTS // m.args.vocab_size)
         for s in range(0, len(target), chunk):
             e = s + chunk
@@ -251,8 +249,6 @@ class LMEvalModel(TemplateLM):
 
     # --- generation -------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from runner.generate import generate
-
         groups: dict[str, list[int]] = {}  # requests with equal generation arguments run in the same batches
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)

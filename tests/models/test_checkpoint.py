@@ -8,7 +8,7 @@ from conftest import make_tiny_hf
 
 import models.checkpoint as ckpt
 from models.checkpoint import check_and_load, load_checkpoint, save_hf, save_native
-from models.llama import Transformer, rope_frequencies
+from models.llama import Transformer
 from models.tokenizer import Tokenizer
 
 
@@ -16,7 +16,7 @@ def _build(args, sd, path):
     with torch.device("meta"):
         m = Transformer(args)
     check_and_load(m, sd, path)
-    m.inv_freq = rope_frequencies(args)
+    m.init_rope()
     return m.eval()
 
 

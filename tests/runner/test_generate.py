@@ -1,4 +1,5 @@
-"""runner/generate.py: greedy parity with transformers, KV cache vs recompute, batching, sampling, stage, CLI."""
+"""models/generate.py (greedy parity with transformers, KV cache vs recompute, batching, sampling) and the
+runner/generate.py stage (files, metrics, quantized checkpoints, CLI)."""
 
 import json
 
@@ -8,14 +9,14 @@ from conftest import make_tiny_hf, run_cli
 from omegaconf import OmegaConf
 
 from models.checkpoint import check_and_load, load_checkpoint, save_native
-from models.llama import Transformer, rope_frequencies
+from models.generate import generate
+from models.llama import Transformer
 from quant import describe
 from quant.base import decoder_linears
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
 from runner import generate as gen_stage
-from runner.generate import generate
 
 VARIANTS = {
     "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True)),
@@ -30,7 +31,7 @@ def _ours(path, kind="hf"):
     with torch.device("meta"):
         model = Transformer(args)
     check_and_load(model, sd, path)
-    model.inv_freq = rope_frequencies(args)
+    model.init_rope()
     return model.eval(), tok
 
 
