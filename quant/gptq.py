@@ -30,6 +30,10 @@ the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IS
   the group size with zero columns whose H rows and columns are zero (their inputs are always 0); they are dead, decoupled from the real columns, and
   quantize to exactly 0, so padding changes nothing for the real columns.
 
+Scheme `gptq` (conf/quantizer/gptq.yaml; the record `GPTQ` at the end): same int4 storage as int4_wo, plus a g_idx
+when act_order forms groups without static_groups. Needs calibration token ids [nsamples, seqlen], which the runner
+builds from `calibration` with `sampling` and `seed` (runner/calibration.py).
+
 `gptq_quantize_model` runs the sequential recipe over a `models.llama.Transformer`: embed the calibration batch,
 then per decoder block capture each linear's Hessian with forward pre-hooks (one fp32 matmul per chunk),
 quantize, and feed the batch through the quantized block to produce the next block's inputs. With
@@ -56,6 +60,18 @@ from tqdm import tqdm
 
 from models.llama import apply_rope
 from quant.int4 import MAXQ, Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features, search_qparams
+from quant.int4_wo import int4_shell
+from quant.scheme import (
+    Quantizer,
+    any_value,
+    boolean,
+    integer,
+    number_at_least_zero,
+    one_of,
+    positive_even_int,
+    positive_int,
+    positive_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -481,3 +497,43 @@ def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, p
                 block.set_submodule(name, qlinear)
     log.info("GPTQ: %d blocks in %.1f s", len(layers), time.perf_counter() - t0)
     return model
+
+
+# How the calibration windows are drawn (runner/calibration.py).
+SAMPLING = ("corpus", "document")
+
+
+def _quantize(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:
+    gptq_quantize_model(model, calib, spec)
+
+
+def _shell(linear: nn.Linear, spec: dict) -> nn.Module:
+    # g_idx is stored exactly when act_order forms groups along the permuted order.
+    return int4_shell(linear, spec, has_g_idx=spec["act_order"] and not spec["static_groups"])
+
+
+GPTQ = Quantizer(
+    name="gptq",
+    knobs={
+        "groupsize": positive_even_int,
+        "sym": boolean,
+        "blocksize": positive_int,
+        "percdamp": number_at_least_zero("the reference uses 0.01"),
+        "act_order": boolean,
+        "static_groups": boolean,
+        "true_sequential": boolean,
+        "nsamples": positive_int,
+        "seqlen": positive_int,
+        "calibration": any_value,
+        "sampling": one_of(*SAMPLING),
+        "seed": integer,
+        "sink_weight": positive_number("1 = the paper's GPTQ"),
+        "attention_weight": boolean,
+        "scale_search": boolean,
+    },
+    quantize=_quantize,
+    shell=_shell,
+    needs_calibration=True,
+    # quantizer.json written before these keys existed: what the code did then
+    backfill={"sampling": "corpus", "sink_weight": 1, "attention_weight": False, "scale_search": False},
+)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from models.tokenizer import Tokenizer
-from quant.base import SAMPLING
+from quant.gptq import SAMPLING
 from runner.common import ConfigError, data_path
 
 log = logging.getLogger(__name__)

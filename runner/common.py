@@ -204,6 +204,7 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
     assign the saved tensors). With `apply_quantizer`, a round-to-nearest cfg.quantizer is applied after loading.
     """
     dev, dt_ = device(cfg), dtype(cfg)
+    qrecord = _on_the_fly_quantizer(cfg) if apply_quantizer else None  # a bad quantizer stops before the load
     path = checkpoint_path(cfg)
     if path is None:
         if cfg.model.args is None:
@@ -229,8 +230,7 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
         except ValueError as e:
             raise ConfigError(str(e)) from e
         model.inv_freq = rope_frequencies(args)
-    q = cfg.quantizer
-    if apply_quantizer and q.name != "none":
+    if qrecord is not None and qrecord["name"] != "none":
         if saved_q["name"] != "none":
             raise ConfigError(
                 f"{path} is already quantized ({saved_q['name']}); use quantizer=none to load it as it is"
@@ -238,9 +238,25 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
         from quant import quantize_model
 
         model = _to(model, dev, dt_)
-        model = quantize_model(model, OmegaConf.to_container(q, resolve=True))
+        model = quantize_model(model, qrecord)
         return model.eval(), tok
     return _to(model, dev, dt_).eval(), tok
+
+
+def _on_the_fly_quantizer(cfg: DictConfig) -> dict:
+    """cfg.quantizer validated for quantizing at load time; ConfigError when it is bad or needs calibration."""
+    from quant import describe, quantizer
+
+    try:
+        record = describe(OmegaConf.to_container(cfg.quantizer, resolve=True))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if quantizer(record).needs_calibration:
+        raise ConfigError(
+            f"quantizer={record['name']} needs calibration, which only task=quantize runs: use task=quantize "
+            f"quantizer={record['name']}, then load the result with checkpointer=native checkpointer.path=<run>/model"
+        )
+    return record
 
 
 def _to(model: Transformer, dev: torch.device, dt_: torch.dtype) -> Transformer:

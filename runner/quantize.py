@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.checkpoint import save_native
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
-from quant import describe, quantize_model
+from quant import describe, quantize_model, quantizer
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
@@ -121,7 +121,8 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
     return sum(v.numel() * v.element_size() for v in model.state_dict().values())
 
 
-def _check_inputs(cfg: DictConfig) -> None:
+def _check_inputs(cfg: DictConfig) -> dict:
+    """The validated quantizer record, or a ConfigError naming the bad key."""
     q = cfg.quantizer
     if q.name == "none":
         raise common.ConfigError(
@@ -132,7 +133,11 @@ def _check_inputs(cfg: DictConfig) -> None:
         raise common.ConfigError(
             f"task.ppl_windows={w}: use a positive count or null (all windows); task.ppl=false skips the check"
         )
-    if q.name == "gptq" and cfg.task.ppl:
+    try:
+        record = describe(OmegaConf.to_container(q, resolve=True))
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from e
+    if quantizer(record).needs_calibration and cfg.task.ppl:
         calib = corpus_path(cfg)
         scored = common.data_path(cfg, common.WIKITEXT2_TEST).resolve()
         if calib == scored:
@@ -140,15 +145,11 @@ def _check_inputs(cfg: DictConfig) -> None:
                 f"quantizer.calibration={q.calibration} is {scored}, the text task.ppl scores; calibrate on other "
                 "text (quantizer.calibration=c4) or turn the quality check off (task.ppl=false)"
             )
+    return record
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    _check_inputs(cfg)
-    qcfg = OmegaConf.to_container(cfg.quantizer, resolve=True)
-    try:
-        record = describe(qcfg)
-    except ValueError as e:
-        raise common.ConfigError(str(e)) from e
+    record = _check_inputs(cfg)
     model, tok = common.load_model(cfg, apply_quantizer=False)
     if any(isinstance(m, Int4WeightOnlyLinear | Int8WeightOnlyLinear) for m in model.modules()):
         raise common.ConfigError(
@@ -157,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {"quantize/float_bytes": float(_tensor_bytes(model))}
 
     # Calibration first: a problem with its data stops the run before the float model is scored.
-    calib = calibration_windows(cfg, tok) if record["name"] == "gptq" else None
+    calib = calibration_windows(cfg, tok) if quantizer(record).needs_calibration else None
     text = common.wikitext2_test_text(cfg) if cfg.task.ppl else None
     if text is not None:
         ppl_float, _ = _float_perplexity(cfg, model, tok, text)

@@ -10,7 +10,7 @@ import copy
 import torch
 
 from models.llama import ModelArgs, Transformer
-from quant.base import decoder_linears
+from quant.checks import decoder_linears
 
 TINY_ARGS = dict(
     vocab_size=256,

@@ -163,11 +163,24 @@ def test_quantized_native_checkpoint(compose, tmp_path):
         ("task.limit=0", "task.limit=0 must be > 0"),
         ("task.limit=-3", "task.limit=-3 must be > 0"),
         ("task.tasks=[]", "task.tasks is empty"),
+        ("quantizer=gptq", "quantizer=gptq needs calibration, which only task=quantize runs"),
     ],
 )
 def test_bad_input(compose, override, message):
     with pytest.raises(common.ConfigError, match=message.replace("[", r"\[")):
         runner.eval.run(compose(["task=eval", "debug=smoke", override]))
+
+
+def test_cli_calibrating_quantizer_fails_with_one_line(tmp_path, data_dir):
+    """quantizer=gptq cannot be applied at load time: one error line saying how to get a GPTQ checkpoint."""
+    run = tmp_path / "run"
+    args = ["task=eval", "debug=smoke", "quantizer=gptq", f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "task=quantize" in errors[0] and "checkpointer=native" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
 
 
 def test_missing_data_file_names_it_and_the_root(compose, tmp_path):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from models.checkpoint import check_and_load, load_checkpoint, save_native
 from models.llama import Transformer, rope_frequencies
 from quant import describe
-from quant.base import decoder_linears
+from quant.checks import decoder_linears
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
@@ -221,6 +221,7 @@ def test_compiled_decode_equals_eager(tiny_hf_dir):
         ("task.max_new_tokens=0", "task.max_new_tokens"),
         ("task.prompt=''", "task.prompt"),
         ("task.max_new_tokens=1000", "task.max_new_tokens"),  # tiny's context is 256 tokens
+        ("quantizer=gptq", "quantizer=gptq needs calibration"),  # only task=quantize builds calibration data
     ],
 )
 def test_bad_input_is_a_config_error(compose, override, key):
