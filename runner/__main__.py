@@ -11,14 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from runner import common
-
-# The whole dispatch: task name -> module whose run(cfg) -> dict[str, float] is the stage.
-STAGES = {
-    "generate": "runner.generate",
-    "quantize": "runner.quantize",
-    "eval": "runner.eval",
-    "finetune": "runner.finetune",
-}
+from runner.stages import STAGES
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
@@ -26,11 +19,10 @@ def main(cfg: DictConfig) -> float | None:
     name = cfg.task.name
     if name not in STAGES:
         raise common.ConfigError(f"task.name={name!r} is not a stage; valid: {', '.join(STAGES)}")
-    stage = importlib.import_module(STAGES[name])
+    stage = importlib.import_module(STAGES[name].module)
     metrics = common.run_stage(cfg, stage.run)
-    # Hydra sweepers (Optuna) minimise the value returned here: the stage's headline metric.
-    headline = common.HEADLINE.get(name)
-    return metrics.get(headline) if headline else None
+    # Hydra sweepers (Optuna) optimise the value returned here: the stage's headline metric.
+    return metrics.get(STAGES[name].headline)
 
 
 if __name__ == "__main__":

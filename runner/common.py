@@ -26,13 +26,6 @@ from runner.logging import NoOpLogger, build_logger
 
 log = logging.getLogger(__name__)
 
-# The metric each stage is judged by (sorting sweep summaries; the value returned to Hydra sweepers).
-HEADLINE = {
-    "quantize": "quantize/ppl",
-    "eval": "eval/wikitext2_ppl/ppl",
-    "generate": "generate/decode_tokens_per_s",
-    "finetune": "finetune/val_loss",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
