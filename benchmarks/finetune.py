@@ -48,7 +48,8 @@ from omegaconf import open_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.checkpoint import save_hf, save_native  # noqa: E402 - after the path setup above
+from models.atomic import write_text_atomic  # noqa: E402 - after the path setup above
+from models.checkpoint import save_hf, save_native  # noqa: E402
 from models.lora import apply_lora  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 from runner import common, data, finetune  # noqa: E402
@@ -177,9 +178,7 @@ def _speed(ours: list[list], ref: list[list], tokens: list[int]) -> dict:
 
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=2))
 
 
 def main() -> None:

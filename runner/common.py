@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from models.atomic import write_text_atomic
 from models.checkpoint import check_and_load, load_checkpoint
 from models.llama import ModelArgs, Transformer, rope_frequencies
 from models.tokenizer import Tokenizer
@@ -49,9 +50,7 @@ def log_metrics(metrics: dict, step: int) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def _versions() -> dict:

@@ -57,6 +57,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from models.atomic import atomic_path
 from models.checkpoint import save_native
 from models.llama import Transformer, rope_frequencies
 from models.lora import apply_lora, merge_lora, save_adapter
@@ -274,13 +275,10 @@ def _save_checkpoint(out: Path, step, position, model, optimizer, scheduler, ran
         dist.all_gather_object(rngs, rng)
     final = out / "checkpoints" / f"step_{step:06d}"
     if rank == 0:
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-        state = {"step": step, "position": position, "world_size": world, "optimizer": optim, "rng": rngs}
-        torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
-        os.replace(tmp, final)  # a rename: resume never sees a half-written checkpoint
+        with atomic_path(final, directory=True) as tmp:  # a rename: resume never sees a half-written checkpoint
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+            state = {"step": step, "position": position, "world_size": world, "optimizer": optim, "rng": rngs}
+            torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
         for old in final.parent.iterdir():
             if old != final:
                 shutil.rmtree(old)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from models.atomic import write_text_atomic
 from models.checkpoint import save_native
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
@@ -111,9 +112,7 @@ def _float_perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text:
         return hit["ppl"], hit["windows_scored"]
     ppl, n = _perplexity(cfg, model, tok, text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"ppl": ppl, "windows_scored": n, "key": key}, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"ppl": ppl, "windows_scored": n, "key": key}, indent=2))
     return ppl, n
 
 
