@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -175,16 +176,32 @@ def data_path(cfg: DictConfig, relpath: str, key: str | None = None) -> Path:
     return p
 
 
-def checkpoint_path(cfg: DictConfig) -> Path | None:
-    """The checkpoint to load: checkpointer.path, else model.source fetched into the cache; None for random init."""
+@dataclass(frozen=True)
+class Weights:
+    """Where the model's weights come from. At most one field is set; neither means random init from model.args
+    with cfg.seed."""
+
+    path: Path | None = None  # checkpointer.path: a local checkpoint
+    source: str | None = None  # model.source: fetched into paths.cache_dir (pinned by model.sha256)
+
+
+def resolve(cfg: DictConfig) -> Weights:
+    """The one precedence for the weights: checkpointer.path, else model.source, else random init."""
     if cfg.checkpointer.path is not None:
-        return Path(cfg.checkpointer.path).expanduser()
-    if cfg.model.source is None:
-        return None
+        return Weights(path=Path(cfg.checkpointer.path).expanduser())
+    return Weights(source=cfg.model.source)
+
+
+def checkpoint_path(cfg: DictConfig) -> Path | None:
+    """The checkpoint to load (`resolve`): checkpointer.path, else model.source fetched into the cache; None for
+    random init."""
+    weights = resolve(cfg)
+    if weights.source is None:
+        return weights.path
     from models.sources import SourceError, resolve_source
 
     try:
-        return resolve_source(cfg.model.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
+        return resolve_source(weights.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
     except SourceError as e:
         raise ConfigError(str(e)) from e
 

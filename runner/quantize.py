@@ -60,14 +60,15 @@ def _sha256(data: bytes) -> str:
 
 
 def _model_key(cfg: DictConfig) -> dict:
-    """What identifies the float model's weights without hashing them: the pinned sha256 of model.source, the stat
-    of every file under checkpointer.path, or the random-init arguments and seed."""
-    if cfg.checkpointer.path is not None:
-        root = Path(cfg.checkpointer.path).expanduser().resolve()
+    """What identifies the float model's weights (`common.resolve`) without hashing them: the stat of every file
+    under checkpointer.path, the pinned sha256 of model.source, or the random-init arguments and seed."""
+    weights = common.resolve(cfg)
+    if weights.path is not None:
+        root = weights.path.resolve()
         files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
         return {"path": str(root), "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-    if cfg.model.source is not None:
-        return {"source": cfg.model.source, "sha256": cfg.model.sha256}
+    if weights.source is not None:
+        return {"source": weights.source, "sha256": cfg.model.sha256}
     return {"args": OmegaConf.to_container(cfg.model.args, resolve=True), "seed": cfg.seed}
 
 
