@@ -34,6 +34,7 @@ from _common import machine, write_json  # noqa: E402 - benchmarks/ is on sys.pa
 from quant import gptq, quantize_model  # noqa: E402 - after the path setup above
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
+from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -60,13 +61,13 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     base = _config(a.windows, [])
     model, tok = common.load_model(base, apply_quantizer=False)
-    text = common.wikitext2_test_text(base)
+    text = wikitext2_test_text(base)
 
     scored = {}
 
     def ppl(m) -> float:
         t = base.task
-        value, scored["windows"] = common.perplexity(m, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+        value, scored["windows"] = perplexity(m, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
         return value
 
     result = {

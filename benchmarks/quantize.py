@@ -7,7 +7,7 @@
 Positional arguments are Hydra overrides on top of `task=quantize quantizer=gptq` (default model: smollm2_135m from
 its pinned source). For every group size it scores RTN (`int4_wo`) and GPTQ with act-order off and on, all on the
 same calibration windows (`--nsamples` x `--seqlen` tokens of `--calibration`, `--seed`), with WikiText-2 test
-perplexity under the GPTQ paper's protocol (runner.common.perplexity, 2048-token windows; `--ppl-windows` limits the
+perplexity under the GPTQ paper's protocol (runner.perplexity, 2048-token windows; `--ppl-windows` limits the
 count, default all). It also times two plain forward passes of the float model over the calibration windows: the
 floor for sequential GPTQ, which must push the whole calibration set through every block once before quantizing it
 and once after.
@@ -52,6 +52,7 @@ from quant import gptq, quantize_model  # noqa: E402
 from quant.int4 import dequantize  # noqa: E402
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
+from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -102,7 +103,7 @@ def _config(a: argparse.Namespace):
 
 def _ppl(cfg, model, tok, text) -> tuple[float, int]:
     t = cfg.task
-    return common.perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+    return perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
 
 
 @torch.no_grad()
@@ -171,7 +172,7 @@ def main() -> None:
     cfg = _config(a)
     started = time.time()
     float_model, tok = common.load_model(cfg, apply_quantizer=False)
-    text = common.wikitext2_test_text(cfg)
+    text = wikitext2_test_text(cfg)
     calib = calibration_windows(cfg, tok)  # [nsamples, seqlen]
     result = {
         "settings": {

@@ -10,7 +10,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from runner import common
+from runner.common import ConfigError
+from runner.rundir import run_stage
 from runner.stages import STAGES
 
 
@@ -18,9 +19,9 @@ from runner.stages import STAGES
 def main(cfg: DictConfig) -> float | None:
     name = cfg.task.name
     if name not in STAGES:
-        raise common.ConfigError(f"task.name={name!r} is not a stage; valid: {', '.join(STAGES)}")
+        raise ConfigError(f"task.name={name!r} is not a stage; valid: {', '.join(STAGES)}")
     stage = importlib.import_module(STAGES[name].module)
-    metrics = common.run_stage(cfg, stage.run)
+    metrics = run_stage(cfg, stage.run)
     # Hydra sweepers (Optuna) optimise the value returned here: the stage's headline metric.
     return metrics.get(STAGES[name].headline)
 

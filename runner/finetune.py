@@ -62,6 +62,7 @@ from models.checkpoint import save_native
 from models.llama import Transformer, rope_frequencies
 from models.lora import apply_lora, merge_lora, save_adapter
 from runner import common, data
+from runner.rundir import RunContext
 
 log = logging.getLogger(__name__)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0, as on one device
@@ -79,7 +80,7 @@ def _lr_factor(max_steps: int, warmup_steps: int, min_lr_ratio: float, step: int
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     t = cfg.task
     if t.method not in ("full", "lora"):
         raise common.ConfigError(f"task.method={t.method!r} is unknown; use full or lora")
@@ -88,19 +89,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if t.bf16 not in (True, False, "auto"):
         raise common.ConfigError(f"task.bf16={t.bf16!r} is not valid; use auto, true or false")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    dev = common.device(cfg)
+    dev = ctx.device
     if world > 1:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     try:
-        return _train(cfg, world)
+        return _train(cfg, ctx, world)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: DictConfig, world: int) -> dict[str, float]:
+def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     t = cfg.task
     rank = dist.get_rank() if world > 1 else 0
     if t.batch_size % (world * t.micro_batch_size):
@@ -109,7 +110,7 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
         )
     mb = t.micro_batch_size
     # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
-    out = Path(_broadcast(str(common.run_dir()), world))
+    out = Path(_broadcast(str(ctx.run_dir), world))
 
     model, tok = common.load_model(cfg, apply_quantizer=False)
     dev = next(model.parameters()).device
@@ -149,7 +150,7 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
     end = t.max_steps if t.stop_after is None else min(t.max_steps, step + t.stop_after)
     sampler = data.Sampler(len(train), cfg.seed)
     evaluate = functools.partial(_val_loss, model, val, mb, tok.pad_id, dev, amp, rank, world)
-    log_rank0 = common.log_metrics if rank == 0 else lambda metrics, step: None
+    log_rank0 = ctx.log_metrics if rank == 0 else lambda metrics, step: None
     val_loss = None
     if step == 0:
         val_loss = evaluate()

@@ -16,7 +16,7 @@ model_args.json; tokenizer files; config.yaml), and through the runner metrics.j
 Metrics: `quantize/seconds` (quantization only, GPTQ's calibration passes included), `quantize/model_bytes` (bytes of
 the saved tensors), `quantize/float_bytes` and `quantize/compression` (their ratio, against the float model in
 model.dtype), `quantize/ppl` and `quantize/ppl_float` (WikiText-2 test perplexity, GPTQ paper protocol through
-runner.common.perplexity), `quantize/ppl_windows` (windows scored).
+runner.perplexity), `quantize/ppl_windows` (windows scored).
 
 Knobs (conf/task/quantize.yaml; the quantizer's own in conf/quantizer/):
 - `ppl` turns the quality check off; `ppl_windows` scores the first N windows of `ppl_seqlen` tokens (null: all;
@@ -51,6 +51,8 @@ from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
 from runner.calibration import calibration_windows, corpus_path
+from runner.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_test_text
+from runner.rundir import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,9 @@ def _code_key() -> str:
     # behind a cached number.
     import models.checkpoint
     import models.llama
+    import runner.perplexity
 
-    files = [models.llama.__file__, models.checkpoint.__file__, common.__file__]
+    files = [models.llama.__file__, models.checkpoint.__file__, common.__file__, runner.perplexity.__file__]
     gguf = sys.modules.get("models.gguf")
     if gguf is not None:
         files.append(gguf.__file__)
@@ -87,17 +90,19 @@ def _code_key() -> str:
 
 def _perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text: str) -> tuple[float, int]:
     t = cfg.task
-    return common.perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+    return perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
 
 
-def _float_perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text: str) -> tuple[float, int]:
+def _float_perplexity(
+    cfg: DictConfig, ctx: RunContext, model: Transformer, tok: Tokenizer, text: str
+) -> tuple[float, int]:
     """The float model's perplexity, computed once per model/text/settings and then read from paths.cache_dir."""
     t = cfg.task
     key = {
         "model": _model_key(cfg),
         "checkpointer": cfg.checkpointer.name,
         "dtype": cfg.model.dtype,
-        "device": common.device(cfg).type,
+        "device": ctx.device.type,
         "tokenizer": _sha256(tok.tok.to_str().encode()),
         "text": _sha256(text.encode()),
         "seqlen": t.ppl_seqlen,
@@ -139,7 +144,7 @@ def _check_inputs(cfg: DictConfig) -> dict:
         raise common.ConfigError(str(e)) from e
     if quantizer(record).needs_calibration and cfg.task.ppl:
         calib = corpus_path(cfg)
-        scored = common.data_path(cfg, common.WIKITEXT2_TEST).resolve()
+        scored = common.data_path(cfg, WIKITEXT2_TEST).resolve()
         if calib == scored:
             raise common.ConfigError(
                 f"quantizer.calibration={q.calibration} is {scored}, the text task.ppl scores; calibrate on other "
@@ -148,7 +153,7 @@ def _check_inputs(cfg: DictConfig) -> dict:
     return record
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     record = _check_inputs(cfg)
     model, tok = common.load_model(cfg, apply_quantizer=False)
     if any(isinstance(m, Int4WeightOnlyLinear | Int8WeightOnlyLinear) for m in model.modules()):
@@ -159,9 +164,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     # Calibration first: a problem with its data stops the run before the float model is scored.
     calib = calibration_windows(cfg, tok) if quantizer(record).needs_calibration else None
-    text = common.wikitext2_test_text(cfg) if cfg.task.ppl else None
+    text = wikitext2_test_text(cfg) if cfg.task.ppl else None
     if text is not None:
-        ppl_float, _ = _float_perplexity(cfg, model, tok, text)
+        ppl_float, _ = _float_perplexity(cfg, ctx, model, tok, text)
         metrics["quantize/ppl_float"] = ppl_float
         log.info("float model: WikiText-2 perplexity %.4f", ppl_float)
 
@@ -173,12 +178,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("quantized with %s in %.1f s", record["name"], metrics["quantize/seconds"])
 
     if cfg.task.save:
-        out = save_native(common.run_dir() / "model", model, tok, record, common.resolved_yaml(cfg))
+        out = save_native(ctx.run_dir / "model", model, tok, record, common.resolved_yaml(cfg))
         log.info("wrote %s (load it with checkpointer=native checkpointer.path=%s)", out, out)
     if text is not None:
         ppl, n = _perplexity(cfg, model, tok, text)
         metrics["quantize/ppl"] = ppl
         metrics["quantize/ppl_windows"] = float(n)
         log.info("quantized model: WikiText-2 perplexity %.4f over %d windows (float %.4f)", ppl, n, ppl_float)
-    common.log_metrics(metrics, step=0)
     return metrics

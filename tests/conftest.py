@@ -129,6 +129,14 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return make_tiny_hf(tmp_path_factory.mktemp("tiny_hf"))
 
 
+def run_in_process(stage, cfg):
+    """`stage.run(cfg, ctx)` with the context of the job `compose` set up: the stage alone, without run_stage's
+    status files, final metrics and error handling (tests that want those call runner.rundir.run_stage)."""
+    from runner.rundir import context
+
+    return stage.run(cfg, context(cfg))
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m runner ARGS` in a subprocess (as a user would), capturing its output."""
     e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
