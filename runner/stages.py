@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stage:
-    module: str  # whose run(cfg) -> dict[str, float] is the stage
+    module: str  # whose run(cfg, ctx) -> dict[str, float] is the stage (ctx: runner.rundir.RunContext)
     headline: str  # metric key in metrics.json
     maximize: bool = False  # larger headline is better (else smaller: perplexity, loss)
 
