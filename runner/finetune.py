@@ -61,6 +61,7 @@ from models.atomic import atomic_path
 from models.checkpoint import save_native
 from models.llama import Transformer, rope_frequencies
 from models.lora import apply_lora, merge_lora, save_adapter
+from models.tokenizer import Tokenizer
 from runner import common, data
 from runner.rundir import RunContext
 
@@ -101,6 +102,57 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
             dist.destroy_process_group()
 
 
+def _trainable_model(cfg: DictConfig) -> tuple[Transformer, Tokenizer]:
+    """The float model in train mode, with LoRA adapters when task.method=lora."""
+    t = cfg.task
+    model, tok = common.load_model(cfg, apply_quantizer=False)
+    torch.manual_seed(cfg.seed)  # LoRA init and dropout do not depend on how the weights were loaded
+    if t.method == "lora":
+        try:
+            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
+        except ValueError as e:
+            raise common.ConfigError(f"task.lora: {e}") from e
+    return model.train(), tok
+
+
+def _wrap_blocks(model: Transformer, activation_checkpointing: bool, compile: bool, world: int) -> None:
+    """Activation checkpointing and torch.compile per decoder block, then FSDP2 sharding when world > 1."""
+    for layer in model.model.layers:
+        if activation_checkpointing:
+            # Patching the instance's forward keeps state-dict keys and leaves FSDP's hooks outside the recompute.
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        if compile:
+            layer.compile()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+
+def _step_metrics(loss: float, lr: float, grad_norm: float, tokens_per_s: float, dev: torch.device) -> dict:
+    return {
+        "finetune/loss": loss,
+        "finetune/lr": lr,
+        "finetune/grad_norm": grad_norm,
+        "finetune/tokens_per_s": tokens_per_s,
+        "finetune/peak_memory_gb": _peak_memory_gb(dev),
+    }
+
+
+def _optimizer_step(params, optimizer, scheduler, max_grad_norm: float | None) -> tuple[float, float]:
+    """Clip, step the optimizer and the schedule, clear the gradients; returns (grad norm, the lr just used)."""
+    grad_norm = _clip_grads(params, max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     t = cfg.task
     rank = dist.get_rank() if world > 1 else 0
@@ -112,41 +164,18 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
     out = Path(_broadcast(str(ctx.run_dir), world))
 
-    model, tok = common.load_model(cfg, apply_quantizer=False)
+    model, tok = _trainable_model(cfg)
     dev = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)  # LoRA init and dropout do not depend on how the weights were loaded
-    if t.method == "lora":
-        try:
-            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
-        except ValueError as e:
-            raise common.ConfigError(f"task.lora: {e}") from e
-    model.train()
     train, val = data.load_examples(cfg, tok)
-    for layer in model.model.layers:
-        if t.activation_checkpointing:
-            # Patching the instance's forward keeps state-dict keys and leaves FSDP's hooks outside the recompute.
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        if t.compile:
-            layer.compile()
-    if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(dev.type, (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    _wrap_blocks(model, t.activation_checkpointing, t.compile, world)
     params = [p for p in model.parameters() if p.requires_grad]
     # _convert_=all: plain lists in param_groups, so the optimizer state saves and loads with weights_only=True.
     optimizer = instantiate(t.optimizer, _convert_="all")(params)
     scheduler = instantiate(t.scheduler)(optimizer, max_steps=t.max_steps)
     amp = t.bf16 is True or (t.bf16 == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
 
-    step, position = 0, 0
     resume = _resume_dir(t.resume, out)
-    if resume is not None:
-        step, position = _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
-        log.info("resumed from %s at step %d", resume, step)
+    step, position = (0, 0) if resume is None else _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
     end = t.max_steps if t.stop_after is None else min(t.max_steps, step + t.stop_after)
     sampler = data.Sampler(len(train), cfg.seed)
     evaluate = functools.partial(_val_loss, model, val, mb, tok.pad_id, dev, amp, rank, world)
@@ -181,21 +210,11 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
                     f"finetune: loss is {loss} at step {step + 1}; stopped before the optimizer step. Last good "
                     f"checkpoint: {saved or resume or 'none'}; lower task.optimizer.lr or set task.max_grad_norm"
                 )
-            grad_norm = _clip_grads(params, t.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = _optimizer_step(params, optimizer, scheduler, t.max_grad_norm)
             step, position = step + 1, position + t.batch_size
             dt = time.perf_counter() - t0
             tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
-            metrics = {
-                "finetune/loss": loss,
-                "finetune/lr": lr,
-                "finetune/grad_norm": grad_norm,
-                "finetune/tokens_per_s": n_tokens / dt,
-                "finetune/peak_memory_gb": _peak_memory_gb(dev),
-            }
+            metrics = _step_metrics(loss, lr, grad_norm, n_tokens / dt, dev)
             if step == end or (t.eval_every is not None and step % t.eval_every == 0):
                 metrics["finetune/val_loss"] = val_loss = evaluate()
             log_rank0(metrics, step)
@@ -319,6 +338,7 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tu
             torch.cuda.set_rng_state(rng["cuda"])
     else:
         log.warning("resuming on %d ranks from %d: random streams (dropout) restart", world, state["world_size"])
+    log.info("resumed from %s at step %d", ckpt, state["step"])
     return state["step"], state["position"]
 
 
