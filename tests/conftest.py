@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -17,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 import conf
+from models.llama import ModelArgs, Transformer
 
 CONF_DIR = Path(conf.__file__).parent.resolve()
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +86,22 @@ def compose(tmp_path, data_dir, cache_dir):
         return cfg
 
     return _compose
+
+
+# The tiny Llama of `model=tiny` (conf/model/tiny.yaml), the one definition every test's tiny model starts from.
+TINY_ARGS = yaml.safe_load((CONF_DIR / "model" / "tiny.yaml").read_text())["args"]
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    """conf/model/tiny.yaml's ModelArgs with `overrides` (a test's own sizes)."""
+    return ModelArgs(**{**TINY_ARGS, **overrides})
+
+
+def tiny_model(**overrides) -> Transformer:
+    """A random tiny Transformer (tiny_args(**overrides)) from seed 0, in eval mode; under
+    `with torch.device("meta")` an empty one to load into."""
+    torch.manual_seed(0)
+    return Transformer(tiny_args(**overrides)).eval()
 
 
 @pytest.fixture(scope="session")
