@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from _common import machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 
-from quant import describe, gptq, quantize_model  # noqa: E402 - after the path setup above
+from quant import describe, gptq, quantize_model, quantizer  # noqa: E402 - after the path setup above
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
 from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
         solve = [o.split("=", 1)[1] for o in over if o.startswith("solve=")]
         cfg = _config(a.windows, [o for o in over if not o.startswith("solve=")])
         q = OmegaConf.to_container(cfg.quantizer, resolve=True)
-        calib = calibration_windows(cfg, tok) if q["name"] == "gptq" else None
+        calib = calibration_windows(cfg, tok) if quantizer(q).needs_calibration else None
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         if solve:  # a GPTQ experiment knob that quantizer.json does not record: call GPTQ directly

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from _common import Clock, log, machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 
-from quant import quantize_model  # noqa: E402 - after the path setup above
+from quant import quantize_model, quantizer  # noqa: E402 - after the path setup above
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
 from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> None:
     ):
         qcfg = _config([*a.overrides, *over])
         q = OmegaConf.to_container(qcfg.quantizer, resolve=True)
-        calib = calibration_windows(qcfg, tok) if q["name"] == "gptq" else None
+        calib = calibration_windows(qcfg, tok) if quantizer(q).needs_calibration else None
         m = copy.deepcopy(model)
         with Clock() as c:
             quantize_model(m, q, calib)
