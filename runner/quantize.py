@@ -46,7 +46,7 @@ from models.atomic import write_text_atomic
 from models.checkpoint import save_native
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
-from quant import describe, quantize_model, quantizer
+from quant import QUANTIZERS, describe, quantize_model, quantizer
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
@@ -130,9 +130,8 @@ def _check_inputs(cfg: DictConfig) -> dict:
     """The validated quantizer record, or a ConfigError naming the bad key."""
     q = cfg.quantizer
     if q.name == "none":
-        raise common.ConfigError(
-            "task=quantize needs a quantizer: add quantizer=gptq, quantizer=int4_wo or quantizer=int8_wo"
-        )
+        schemes = ", ".join(f"quantizer={name}" for name in QUANTIZERS if name != "none")
+        raise common.ConfigError(f"task=quantize needs a quantizer: add one of {schemes}")
     w = cfg.task.ppl_windows
     if cfg.task.ppl and w is not None and w < 1:
         raise common.ConfigError(
