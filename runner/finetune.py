@@ -115,13 +115,13 @@ def _trainable_model(cfg: DictConfig) -> tuple[Transformer, Tokenizer]:
     return model.train(), tok
 
 
-def _wrap_blocks(model: Transformer, activation_checkpointing: bool, compile: bool, world: int) -> None:
+def _wrap_blocks(model: Transformer, activation_checkpointing: bool, compile_blocks: bool, world: int) -> None:
     """Activation checkpointing and torch.compile per decoder block, then FSDP2 sharding when world > 1."""
     for layer in model.model.layers:
         if activation_checkpointing:
             # Patching the instance's forward keeps state-dict keys and leaves FSDP's hooks outside the recompute.
             layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        if compile:
+        if compile_blocks:
             layer.compile()
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
