@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from models.atomic import write_text_atomic  # the scripts put the repository on sys.path before importing this
+
 
 class Clock:
     """Wall seconds and this process's CPU seconds (all threads). On a shared machine the CPU seconds divided by
@@ -58,6 +60,4 @@ def machine() -> dict:
 
 def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=2))

@@ -11,7 +11,7 @@ Backends, each over every local lm-eval task (`--tasks`; `--limit` documents, a 
 simple_evaluate call per task, timed) and over `wikitext2_ppl` (the whole split unless `--ppl-windows`):
 - `ours`: the float model through LMEvalModel, as task=eval runs it;
 - `hf`: lm-eval's HFLM over the same float weights written as an HF directory (models.checkpoint.save_hf; or
-  `--hf-dir`); its wikitext2_ppl is runner.common.perplexity over the transformers model's logits;
+  `--hf-dir`); its wikitext2_ppl is runner.perplexity over the transformers model's logits;
 - `gptq`: the quantized checkpoint through LMEvalModel (scores only, with their change from float).
 Tasks run backend after backend, so load changes on a shared machine hit all alike; CPU seconds are recorded too.
 
@@ -51,6 +51,7 @@ from models.checkpoint import save_hf  # noqa: E402
 from runner import common  # noqa: E402
 from runner.eval import TASK_DIR  # noqa: E402
 from runner.lm_eval_adapter import LMEvalModel  # noqa: E402
+from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
 
 LOCAL = ["wikitext", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada_openai", "winogrande"]
 # Metrics compared relatively (perplexity-like); the others are accuracies compared in points.
@@ -110,7 +111,7 @@ class _CountingLM(LMEvalModel):
 
 
 class _HFLogits(torch.nn.Module):
-    """A transformers causal LM as `ids -> logits`, the interface runner.common.perplexity calls."""
+    """A transformers causal LM as `ids -> logits`, the interface runner.perplexity calls."""
 
     def __init__(self, model):
         super().__init__()
@@ -151,7 +152,7 @@ def main() -> None:
         include_defaults=False,
         metadata={"data_dir": str(Path(cfg.paths.data_dir).expanduser().resolve())},
     )
-    text = common.wikitext2_test_text(cfg)
+    text = wikitext2_test_text(cfg)
     model, tok = common.load_model(cfg)
     backends = {"ours": _CountingLM(model, tok, a.batch_size, None, cfg.task.max_gen_toks, seed)}
     ppl_models = {"ours": model}
@@ -224,7 +225,7 @@ def main() -> None:
     seqlen = cfg.task.ppl_seqlen
     for name, m in ppl_models.items():
         with Clock() as clock, torch.no_grad():
-            ppl, n = common.perplexity(m, tok, text, seqlen, a.ppl_windows, cfg.task.ppl_batch_size)
+            ppl, n = perplexity(m, tok, text, seqlen, a.ppl_windows, cfg.task.ppl_batch_size)
         result["backends"][name]["wikitext2_ppl"] = {
             "ppl": ppl,
             "windows": n,

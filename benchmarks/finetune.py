@@ -36,6 +36,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,10 +49,12 @@ from omegaconf import open_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.checkpoint import save_hf, save_native  # noqa: E402 - after the path setup above
+from models.atomic import write_text_atomic  # noqa: E402 - after the path setup above
+from models.checkpoint import save_hf, save_native  # noqa: E402
 from models.lora import apply_lora  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 from runner import common, data, finetune  # noqa: E402
+from runner.rundir import RunContext, context  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -99,24 +102,27 @@ def _durations(marks: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:], strict=False)]
 
 
-def _ours(cfg) -> dict:
-    """Run the stage, reading the clock whenever it logs metrics: step 0's validation, then once per step."""
-    marks, log_metrics = [], common.log_metrics
+@dataclass
+class _TimedContext(RunContext):
+    """A stage context that reads the clock whenever the stage logs metrics: step 0's validation, then each step."""
 
-    def timed_log(metrics: dict, step: int) -> None:
+    marks: list[tuple[float, float]] = field(default_factory=list)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
         if "finetune/loss" in metrics or step == 0:
-            marks.append(_clock())
-        log_metrics(metrics, step)
+            self.marks.append(_clock())
+        super().log_metrics(metrics, step)
 
-    common.log_metrics = timed_log
-    try:
-        metrics = finetune.run(cfg)
-    finally:
-        common.log_metrics = log_metrics
-    rows = [json.loads(line) for line in (common.run_dir() / "metrics.jsonl").read_text().splitlines()]
+
+def _ours(cfg) -> dict:
+    """Run the stage with a `_TimedContext`."""
+    job = context(cfg)
+    ctx = _TimedContext(job.run_dir, job.rank, job.device)
+    metrics = finetune.run(cfg, ctx)
+    rows = [json.loads(line) for line in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["finetune/loss"] for r in rows if "finetune/loss" in r]
     val = [r["finetune/val_loss"] for r in rows if "finetune/val_loss" in r]
-    return {"durations": _durations(marks), "losses": losses, "val": val, "metrics": metrics}
+    return {"durations": _durations(ctx.marks), "losses": losses, "val": val, "metrics": metrics}
 
 
 def _reference(cfg, hf_dir: Path, lora: bool) -> dict:
@@ -177,9 +183,7 @@ def _speed(ours: list[list], ref: list[list], tokens: list[int]) -> dict:
 
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result, indent=2))
 
 
 def main() -> None:

@@ -8,7 +8,8 @@
 
 Each `--plan NAME [override ...]` is one run from the float model: Hydra overrides on top of `task=quantize
 quantizer=gptq` (so a plan with no overrides is the main job's quantizer), plus `solve=float32|float64` for the
-dtype of GPTQ's per-layer solve on CPU (quant.gptq._SOLVE_DTYPE). The float model's perplexity is scored once.
+dtype of GPTQ's per-layer solve on CPU (`cpu_solve_dtype` of quant.gptq.gptq_quantize_model). The float model's
+perplexity is scored once.
 Written: the JSON given by --out, rewritten after every run: windows scored, float ppl (unless --skip-float), per run its quantizer config,
 seconds and ppl.
 """
@@ -31,9 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from _common import machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 
-from quant import gptq, quantize_model  # noqa: E402 - after the path setup above
+from quant import describe, gptq, quantize_model, quantizer  # noqa: E402 - after the path setup above
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
+from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -60,13 +62,13 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     base = _config(a.windows, [])
     model, tok = common.load_model(base, apply_quantizer=False)
-    text = common.wikitext2_test_text(base)
+    text = wikitext2_test_text(base)
 
     scored = {}
 
     def ppl(m) -> float:
         t = base.task
-        value, scored["windows"] = common.perplexity(m, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+        value, scored["windows"] = perplexity(m, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
         return value
 
     result = {
@@ -79,16 +81,14 @@ def main() -> None:
         solve = [o.split("=", 1)[1] for o in over if o.startswith("solve=")]
         cfg = _config(a.windows, [o for o in over if not o.startswith("solve=")])
         q = OmegaConf.to_container(cfg.quantizer, resolve=True)
-        calib = calibration_windows(cfg, tok) if q["name"] == "gptq" else None
+        calib = calibration_windows(cfg, tok) if quantizer(q).needs_calibration else None
         m = copy.deepcopy(model)
-        default = gptq._SOLVE_DTYPE
-        gptq._SOLVE_DTYPE = getattr(torch, solve[0]) if solve else default
-        try:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        if solve:  # a GPTQ experiment knob that quantizer.json does not record: call GPTQ directly
+            gptq.gptq_quantize_model(m, calib, describe(q), cpu_solve_dtype=getattr(torch, solve[0]))
+        else:
             quantize_model(m, q, calib)
-            seconds = time.perf_counter() - t0
-        finally:
-            gptq._SOLVE_DTYPE = default
+        seconds = time.perf_counter() - t0
         run = {"name": name, "overrides": over, "quantizer": q, "seconds": seconds, "ppl": ppl(m)}
         result["windows"] = scored["windows"]
         result["runs"].append(run)

@@ -38,9 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from _common import Clock, log, machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 
-from quant import quantize_model  # noqa: E402 - after the path setup above
+from quant import quantize_model, quantizer  # noqa: E402 - after the path setup above
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
+from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -76,12 +77,12 @@ def main() -> None:
     if src is None or Path(src).suffix != ".gguf":
         sys.exit(f"the model's checkpoint must be a GGUF file for llama.cpp to read (got {src})")
     model, tok = common.load_model(cfg, apply_quantizer=False)
-    text = common.wikitext2_test_text(cfg)
+    text = wikitext2_test_text(cfg)
     result = {"machine": machine(), "settings": {"windows": a.windows, "source": str(src), "overrides": a.overrides}}
     result["models"] = {}
 
     def score(name: str, m, seconds: float | None = None, **extra) -> None:
-        ppl, n = common.perplexity(m, tok, text, cfg.task.ppl_seqlen, a.windows, 1)
+        ppl, n = perplexity(m, tok, text, cfg.task.ppl_seqlen, a.windows, 1)
         result["models"][name] = {"ppl": ppl, "windows": n, "seconds": seconds, **extra}
         log(f"{name}: ppl {ppl:.4f}")
         write_json(a.out, result)
@@ -125,7 +126,7 @@ def main() -> None:
     ):
         qcfg = _config([*a.overrides, *over])
         q = OmegaConf.to_container(qcfg.quantizer, resolve=True)
-        calib = calibration_windows(qcfg, tok) if q["name"] == "gptq" else None
+        calib = calibration_windows(qcfg, tok) if quantizer(q).needs_calibration else None
         m = copy.deepcopy(model)
         with Clock() as c:
             quantize_model(m, q, calib)

@@ -7,13 +7,13 @@
 Positional arguments are Hydra overrides on top of `task=quantize quantizer=gptq` (default model: smollm2_135m from
 its pinned source). For every group size it scores RTN (`int4_wo`) and GPTQ with act-order off and on, all on the
 same calibration windows (`--nsamples` x `--seqlen` tokens of `--calibration`, `--seed`), with WikiText-2 test
-perplexity under the GPTQ paper's protocol (runner.common.perplexity, 2048-token windows; `--ppl-windows` limits the
+perplexity under the GPTQ paper's protocol (runner.perplexity, 2048-token windows; `--ppl-windows` limits the
 count, default all). It also times two plain forward passes of the float model over the calibration windows: the
 floor for sequential GPTQ, which must push the whole calibration set through every block once before quantizing it
 and once after.
 
 With `--reference`, the first group size (act-order on) is also quantized by the plain column-by-column Algorithm 1
-of tests/quant/gptq_reference.py (fp64) in place of ours, through the same sequential recipe, and the perplexities
+of quant/gptq_reference.py (fp64) in place of ours, through the same sequential recipe, and the perplexities
 compared (`reference`; target: ours within 1% of the reference's).
 
 Targets checked in the output (`targets`): GPTQ (the better act-order setting) beats RTN at every group size, and each
@@ -44,14 +44,12 @@ sys.path.insert(0, str(REPO))
 
 from _common import Clock, log, machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 
-sys.path.insert(0, str(REPO / "tests" / "quant"))
-
-from gptq_reference import reference_gptq  # noqa: E402 - after the path setup above
-
-from quant import gptq, quantize_model  # noqa: E402
+from quant import describe, gptq, quantize_model  # noqa: E402
+from quant.gptq_reference import reference_gptq  # noqa: E402
 from quant.int4 import dequantize  # noqa: E402
 from runner import common  # noqa: E402
 from runner.calibration import calibration_windows  # noqa: E402
+from runner.perplexity import perplexity, wikitext2_test_text  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -78,7 +76,7 @@ def _args() -> argparse.Namespace:
     p.add_argument(
         "--reference",
         action="store_true",
-        help="also run the whole model through the plain column-by-column Algorithm 1 (tests/quant/gptq_reference.py) "
+        help="also run the whole model through the plain column-by-column Algorithm 1 (quant/gptq_reference.py) "
         "at the first group size, act-order on, and compare its perplexity with ours",
     )
     p.add_argument("--out", type=Path, required=True)
@@ -102,7 +100,7 @@ def _config(a: argparse.Namespace):
 
 def _ppl(cfg, model, tok, text) -> tuple[float, int]:
     t = cfg.task
-    return common.perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+    return perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
 
 
 @torch.no_grad()
@@ -171,7 +169,7 @@ def main() -> None:
     cfg = _config(a)
     started = time.time()
     float_model, tok = common.load_model(cfg, apply_quantizer=False)
-    text = common.wikitext2_test_text(cfg)
+    text = wikitext2_test_text(cfg)
     calib = calibration_windows(cfg, tok)  # [nsamples, seqlen]
     result = {
         "settings": {
@@ -235,28 +233,23 @@ def main() -> None:
         # (float64 solve on CPU) and the column-by-column reference (float64). They give identical integers layer
         # by layer (tests/quant/test_gptq.py); here the whole sequential recipe is compared by perplexity.
         g = a.groupsizes[0]
-        qcfg = {**base, "groupsize": g, "act_order": True}
-        fast = gptq.gptq_quantize_weights
+        spec = describe({**base, "groupsize": g, "act_order": True})
 
         def reference(Ws, H, **kw):
             return [_reference_weight(W, H, **kw) for W in Ws]
 
-        ref = {"groupsize": g, "act_order": True, "solve_dtype": str(gptq._SOLVE_DTYPE)}
+        ref = {"groupsize": g, "act_order": True, "solve_dtype": str(gptq.CPU_SOLVE_DTYPE)}
         shipped = [r for r in result["runs"] if r["method"] == "gptq" and r["groupsize"] == g and r["act_order"]]
         labels = [("reference", reference)]
         if shipped:  # the grid already ran ours as shipped at this setting
             ref["ppl_ours"], ref["seconds_ours"] = shipped[0]["ppl"], shipped[0]["seconds"]
         else:
-            labels.insert(0, ("ours", fast))
+            labels.insert(0, ("ours", gptq.gptq_quantize_weights))
         for label, fn in labels:
             log(f"reference check: {label}, groupsize {g}, act-order on")
             model = copy.deepcopy(float_model)
-            gptq.gptq_quantize_weights = fn
-            try:
-                with Clock() as clock:
-                    quantize_model(model, qcfg, calib)
-            finally:
-                gptq.gptq_quantize_weights = fast
+            with Clock() as clock:
+                gptq.gptq_quantize_model(model, calib, spec, solve=fn)
             ref[f"ppl_{label}"], _ = _ppl(cfg, model, tok, text)
             ref[f"seconds_{label}"] = clock.wall
             del model

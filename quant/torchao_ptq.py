@@ -8,7 +8,7 @@ scales; the resulting `Int8Tensor` weights are then moved into `quant.int8.Int8W
 buffers save through safetensors (torchao's tensor subclass does not).
 
 Import cost: importing torchao takes ~2.5 s and prints warnings about optional CUDA extensions on CPU machines,
-so `quant.base` imports this module only when an `int8_wo` model is quantized.
+so `quant.int8_wo` imports this module only when an `int8_wo` model is quantized.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, PerRow, quantize_
 
-from quant.base import check_weight_sqnr
+from quant.checks import check_weight_sqnr
 from quant.int8 import Int8WeightOnlyLinear
 
 

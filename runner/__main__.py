@@ -10,27 +10,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from runner import common
-
-# The whole dispatch: task name -> module whose run(cfg) -> dict[str, float] is the stage.
-STAGES = {
-    "generate": "runner.generate",
-    "quantize": "runner.quantize",
-    "eval": "runner.eval",
-    "finetune": "runner.finetune",
-}
+from runner.common import ConfigError
+from runner.rundir import run_stage
+from runner.stages import STAGES
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     name = cfg.task.name
     if name not in STAGES:
-        raise common.ConfigError(f"task.name={name!r} is not a stage; valid: {', '.join(STAGES)}")
-    stage = importlib.import_module(STAGES[name])
-    metrics = common.run_stage(cfg, stage.run)
-    # Hydra sweepers (Optuna) minimise the value returned here: the stage's headline metric.
-    headline = common.HEADLINE.get(name)
-    return metrics.get(headline) if headline else None
+        raise ConfigError(f"task.name={name!r} is not a stage; valid: {', '.join(STAGES)}")
+    stage = importlib.import_module(STAGES[name].module)
+    metrics = run_stage(cfg, stage.run)
+    # Hydra sweepers (Optuna) optimise the value returned here: the stage's headline metric.
+    return metrics.get(STAGES[name].headline)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
+from models.atomic import atomic_path
 from models.tokenizer import Tokenizer
-from quant.base import SAMPLING
+from quant.gptq import SAMPLING
 from runner.common import ConfigError, data_path
 
 log = logging.getLogger(__name__)
@@ -162,9 +163,9 @@ def calibration_windows(cfg: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
         windows = sample_windows(ids, q.nsamples, q.seqlen, q.seed)
         n_tokens = ids.numel()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    save_file({"input_ids": windows}, str(tmp), metadata={k: str(v) for k, v in key.items()} | {"path": str(path)})
-    tmp.replace(cache)
+    with atomic_path(cache) as tmp:
+        metadata = {k: str(v) for k, v in key.items()} | {"path": str(path)}
+        save_file({"input_ids": windows}, str(tmp), metadata=metadata)
     log.info(
         "calibration: %d windows of %d tokens from %s (%d tokens, sampling=%s)",
         q.nsamples,

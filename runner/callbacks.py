@@ -6,7 +6,7 @@
 (see runner/compare.py), prints the table, prints how to upload offline W&B runs, and ends the process with exit
 code 1 when any job did not finish ok.
 
-Why this works when jobs fail: `runner.common.run_stage` records a failed job in its status.json and returns
+Why this works when jobs fail: `runner.rundir.run_stage` records a failed job in its status.json and returns
 instead of raising, so every launcher runs the remaining jobs and Hydra reaches `on_multirun_end`. (A job that
 raises would make Hydra's BasicSweeper re-raise after the batch, and the callback would never run.) With
 HYDRA_FULL_ERROR=1 a failure is raised with its traceback and the sweep stops there, without a summary;

@@ -1,150 +1,29 @@
-"""What two or more stages use: the run wrapper (status.json, metrics), model loading, paths, device and dtype."""
+"""Getting a stage its model: where the weights come from (`resolve`), device and dtype, data paths, loading
+(`load_model`), and `ConfigError`, the one-line error every stage raises for bad input.
+
+The run wrapper and a stage's `RunContext` are in runner/rundir.py; paper-protocol perplexity in runner/perplexity.py.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
-import os
-import platform
-import subprocess
-import sys
-import time
-import traceback
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from models.checkpoint import check_and_load, load_checkpoint
 from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
-from runner.logging import NoOpLogger, build_logger
 
 log = logging.getLogger(__name__)
 
-# The metric each stage is judged by (sorting sweep summaries; the value returned to Hydra sweepers).
-HEADLINE = {
-    "quantize": "quantize/ppl",
-    "eval": "eval/wikitext2_ppl/ppl",
-    "generate": "generate/decode_tokens_per_s",
-    "finetune": "finetune/val_loss",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConfigError(ValueError):
     """Bad input: the message is one line naming the key or file and the fix."""
-
-
-_logger = NoOpLogger()
-
-
-# --- run directory and metrics ---------------------------------------------------------------------------------
-def run_dir() -> Path:
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
-def log_metrics(metrics: dict, step: int) -> None:
-    """Append one step of metrics to metrics.jsonl and forward it to the active logger (wandb or none)."""
-    with open(run_dir() / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    _logger.log(metrics, step)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("lmrunner", "torch", "torchao", "lm_eval", "hydra-core", "transformers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def run_stage(cfg: DictConfig, stage_run) -> dict:
-    """Run one stage inside its run directory: status.json before and after, metrics.json, logger cleanup.
-
-    Bad input (ConfigError, missing files, values out of range) ends with one line on stderr and exit code 1;
-    anything else also leaves its traceback in traceback.txt. HYDRA_FULL_ERROR=1 re-raises instead.
-    In a multirun a failed job returns {} after that line, so the other jobs still run.
-    """
-    global _logger
-    hc = HydraConfig.get()
-    out = run_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    multirun = hc.mode == RunMode.MULTIRUN
-    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 writes the run's files
-    start = time.time()
-    status = {
-        "status": "running",
-        "task": cfg.task.name,
-        "error": None,
-        "start_time": dt.datetime.fromtimestamp(start).isoformat(),
-        "end_time": None,
-        "duration_s": None,
-        "overrides": list(hc.overrides.task),
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "argv": sys.argv,
-    }
-    if rank == 0:
-        _write_json(out / "status.json", status)
-    failed = True
-    error = None
-    try:
-        torch.manual_seed(cfg.seed)
-        group = Path(hc.sweep.dir).name if multirun else None
-        _logger = build_logger(cfg, out, group, f"{cfg.task.name}-{out.name}")
-        metrics = stage_run(cfg)
-        if rank == 0:
-            _write_json(out / "metrics.json", metrics)
-        _logger.summary(metrics)
-        failed = False
-        return metrics
-    except (KeyboardInterrupt, Exception) as e:  # noqa: B902 - record every failure, then report it below
-        error = e
-        status["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
-        (out / ("traceback.txt" if rank == 0 else f"traceback.rank{rank}.txt")).write_text(traceback.format_exc())
-    finally:
-        end = time.time()
-        status.update(
-            status="failed" if failed else "ok",
-            end_time=dt.datetime.fromtimestamp(end).isoformat(),
-            duration_s=round(end - start, 3),
-        )
-        if rank == 0:
-            _write_json(out / "status.json", status)
-        try:
-            _logger.finish(failed=failed)
-        finally:
-            _logger = NoOpLogger()
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    print(f"error: {status['error']} (run directory: {out})", file=sys.stderr)
-    if multirun and not isinstance(error, KeyboardInterrupt):
-        # The sweep goes on: a raised error would make Hydra's BasicSweeper stop after this batch and skip the
-        # end-of-sweep callback (runner/callbacks.py), which lists this failure from status.json and exits 1.
-        return {}
-    sys.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
 
 
 # --- devices, dtypes, paths --------------------------------------------------------------------------------------
@@ -183,16 +62,32 @@ def data_path(cfg: DictConfig, relpath: str, key: str | None = None) -> Path:
     return p
 
 
-def checkpoint_path(cfg: DictConfig) -> Path | None:
-    """The checkpoint to load: checkpointer.path, else model.source fetched into the cache; None for random init."""
+@dataclass(frozen=True)
+class Weights:
+    """Where the model's weights come from. At most one field is set; neither means random init from model.args
+    with cfg.seed."""
+
+    path: Path | None = None  # checkpointer.path: a local checkpoint
+    source: str | None = None  # model.source: fetched into paths.cache_dir (pinned by model.sha256)
+
+
+def resolve(cfg: DictConfig) -> Weights:
+    """The one precedence for the weights: checkpointer.path, else model.source, else random init."""
     if cfg.checkpointer.path is not None:
-        return Path(cfg.checkpointer.path).expanduser()
-    if cfg.model.source is None:
-        return None
+        return Weights(path=Path(cfg.checkpointer.path).expanduser())
+    return Weights(source=cfg.model.source)
+
+
+def checkpoint_path(cfg: DictConfig) -> Path | None:
+    """The checkpoint to load (`resolve`): checkpointer.path, else model.source fetched into the cache; None for
+    random init."""
+    weights = resolve(cfg)
+    if weights.source is None:
+        return weights.path
     from models.sources import SourceError, resolve_source
 
     try:
-        return resolve_source(cfg.model.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
+        return resolve_source(weights.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
     except SourceError as e:
         raise ConfigError(str(e)) from e
 
@@ -204,6 +99,7 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
     assign the saved tensors). With `apply_quantizer`, a round-to-nearest cfg.quantizer is applied after loading.
     """
     dev, dt_ = device(cfg), dtype(cfg)
+    qrecord = _on_the_fly_quantizer(cfg) if apply_quantizer else None  # a bad quantizer stops before the load
     path = checkpoint_path(cfg)
     if path is None:
         if cfg.model.args is None:
@@ -229,8 +125,7 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
         except ValueError as e:
             raise ConfigError(str(e)) from e
         model.init_rope()
-    q = cfg.quantizer
-    if apply_quantizer and q.name != "none":
+    if qrecord is not None and qrecord["name"] != "none":
         if saved_q["name"] != "none":
             raise ConfigError(
                 f"{path} is already quantized ({saved_q['name']}); use quantizer=none to load it as it is"
@@ -238,9 +133,25 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
         from quant import quantize_model
 
         model = _to(model, dev, dt_)
-        model = quantize_model(model, OmegaConf.to_container(q, resolve=True))
+        model = quantize_model(model, qrecord)
         return model.eval(), tok
     return _to(model, dev, dt_).eval(), tok
+
+
+def _on_the_fly_quantizer(cfg: DictConfig) -> dict:
+    """cfg.quantizer validated for quantizing at load time; ConfigError when it is bad or needs calibration."""
+    from quant import describe, quantizer
+
+    try:
+        record = describe(OmegaConf.to_container(cfg.quantizer, resolve=True))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if quantizer(record).needs_calibration:
+        raise ConfigError(
+            f"quantizer={record['name']} needs calibration, which only task=quantize runs: use task=quantize "
+            f"quantizer={record['name']}, then load the result with checkpointer=native checkpointer.path=<run>/model"
+        )
+    return record
 
 
 def _to(model: Transformer, dev: torch.device, dt_: torch.dtype) -> Transformer:
@@ -254,48 +165,3 @@ def _to(model: Transformer, dev: torch.device, dt_: torch.dtype) -> Transformer:
 
 def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-# --- paper-protocol perplexity (shared by task=quantize's quality check and task=eval's wikitext2_ppl) -------------
-WIKITEXT2_TEST = "wikitext2/wiki.test.raw"
-
-
-def wikitext2_test_text(cfg: DictConfig) -> str:
-    """WikiText-2 (raw) test split as the GPTQ paper scores it: rows joined with blank lines ("\\n\\n".join).
-
-    The local file is rebuilt from the HF rows minus the blank ones (see shared/data/PROVENANCE.md), so each line
-    gets back its trailing newline, as HF rows carry it; the dropped blank rows cannot be restored.
-    """
-    lines = data_path(cfg, WIKITEXT2_TEST).read_text(encoding="utf-8").splitlines()
-    return "\n\n".join(line + "\n" for line in lines)
-
-
-@torch.no_grad()
-def perplexity(
-    model: Transformer, tokenizer: Tokenizer, text: str, seqlen: int, max_windows: int | None, batch_size: int = 1
-) -> tuple[float, int]:
-    """exp(mean NLL) over non-overlapping `seqlen`-token windows of the whole text (GPTQ paper protocol).
-
-    The text is tokenized once, without BOS; the tail that does not fill a window is dropped, as the reference does.
-    Returns (perplexity, number of windows scored).
-    """
-    from tqdm import tqdm
-
-    ids = torch.tensor(tokenizer.encode(text, bos=False), dtype=torch.long)
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n < 1:
-        raise ConfigError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; lower the seqlen")
-    windows = ids[: n * seqlen].view(n, seqlen)  # [N, T]
-    dev = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for i in tqdm(range(0, n, batch_size), desc="perplexity", leave=False):
-        x = windows[i : i + batch_size].to(dev)
-        logits = model(x).float()  # [B, T, V]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
-        )
-        nll += loss.item()
-        count += x[:, 1:].numel()
-    return float(torch.exp(torch.tensor(nll / count))), n

@@ -12,7 +12,7 @@ one directory given):
   (`quantizer.groupsize`, ...), every numeric metric of metrics.json (headline first), status, duration_s, error.
 - `summary.md`: the same rows as a Markdown table, with at most MD_METRICS metric columns; overrides equal in every
   run are stated once above it.
-- `summary.png`: each task's headline metric (runner.common.HEADLINE) against each override that varies, one line
+- `summary.png`: each task's headline metric (runner/stages.py) against each override that varies, one line
   per combination of the other varying overrides; failed runs are left out of the plot. With nothing varying, one
   bar per run.
 Rows are sorted by their task's headline metric, best first; runs without it (failed, still running) come last.
@@ -30,10 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from runner.common import HEADLINE
-
-# Headline metrics where larger is better; every other headline (perplexity, loss) is sorted ascending.
-MAXIMIZE = {"generate/decode_tokens_per_s"}
+from runner.stages import STAGES, headline
 
 FILES = ("summary.csv", "summary.md", "summary.png")
 # summary.md stays readable with many metrics (lm-eval tasks); summary.csv has them all.
@@ -102,7 +99,7 @@ def _split_override(override: str) -> tuple[str, str]:
 
 # --- the table ---------------------------------------------------------------------------------------------------
 def headline_value(run: dict) -> float | None:
-    v = run["metrics"].get(HEADLINE.get(run["task"]))
+    v = run["metrics"].get(headline(run["task"]))
     return None if v is None or math.isnan(v) else v
 
 
@@ -112,7 +109,7 @@ def sort_runs(runs: list[dict]) -> list[dict]:
 
     def key(r):
         v = headline_value(r)
-        sign = -1 if HEADLINE.get(r["task"]) in MAXIMIZE else 1
+        sign = -1 if r["task"] in STAGES and STAGES[r["task"]].maximize else 1
         return order[r["task"]], v is None, 0.0 if v is None else sign * v
 
     return sorted(runs, key=key)
@@ -139,7 +136,7 @@ def _override_columns(runs: list[dict]) -> list[str]:
 
 
 def _metric_columns(runs: list[dict]) -> list[str]:
-    headlines = list(dict.fromkeys(HEADLINE[r["task"]] for r in runs if r["task"] in HEADLINE))
+    headlines = list(dict.fromkeys(STAGES[r["task"]].headline for r in runs if r["task"] in STAGES))
     return headlines + [m for m in dict.fromkeys(k for r in runs for k in r["metrics"]) if m not in headlines]
 
 
@@ -211,7 +208,7 @@ def plot(runs: list[dict], root: Path, path: Path) -> None:
     fig = Figure(figsize=(5 * ncols, 3.8 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), ncols, squeeze=False)
     for i, (task, ok, vary) in enumerate(panels):
-        metric = HEADLINE[task]
+        metric = STAGES[task].headline
         if not vary:
             ax = axes[i][0]
             ax.bar([_relative(r["dir"], root) for r in ok], [headline_value(r) for r in ok])

@@ -15,7 +15,7 @@ Tasks:
 - Any other name goes to lm-eval's task registry, whose datasets are downloaded (network needed).
 - wikitext2_ppl: the GPTQ papers' number: the test split joined with blank lines, tokenized once, cut into
   non-overlapping `ppl_seqlen`-token windows each scored from a cold start; exp(mean token NLL). It is
-  runner.common.perplexity, the same code as the quantize stage's quality check. It is not lm-eval's `wikitext`,
+  runner.perplexity, the same code as the quantize stage's quality check. It is not lm-eval's `wikitext`,
   which scores each article separately with rolling windows of max_length tokens (every token gets as much context
   as fits), on detokenized text, and reports perplexity per word and per byte: figures that do not depend on the
   tokenizer, and a word perplexity well above the per-token one (about 2x for SmolLM2).
@@ -48,6 +48,8 @@ from omegaconf import DictConfig
 import conf
 from runner import common
 from runner.lm_eval_adapter import LMEvalModel
+from runner.perplexity import perplexity, wikitext2_test_text
+from runner.rundir import RunContext
 
 TASK_DIR = Path(conf.__file__).resolve().parent / "lm_eval_tasks"
 PPL_TASK = "wikitext2_ppl"
@@ -120,12 +122,12 @@ def _write(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable))
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     t = cfg.task
     names = _check_knobs(t)
     harness = [n for n in names if n != PPL_TASK]
     tm = _task_manager(cfg, harness) if harness else None
-    ppl_text = common.wikitext2_test_text(cfg) if PPL_TASK in names else None
+    ppl_text = wikitext2_test_text(cfg) if PPL_TASK in names else None
     model, tok = common.load_model(cfg)
 
     metrics: dict[str, float] = {}
@@ -146,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             num_fewshot=t.num_fewshot,
             limit=t.limit,
             batch_size=t.batch_size,  # recorded in results.json; the model object already has it
-            device=str(common.device(cfg)),
+            device=str(ctx.device),
             bootstrap_iters=t.bootstrap_iters,
             log_samples=t.log_samples,
             random_seed=t.seed,
@@ -154,19 +156,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
             torch_random_seed=t.seed,
             fewshot_random_seed=t.seed,
         )
-        _write(results, common.run_dir())
+        _write(results, ctx.run_dir)
         metrics.update(_metrics(results))
         table.append(make_table(results))
         if results.get("groups"):
             table.append(make_table(results, "groups"))
     if ppl_text is not None:
-        ppl, windows = common.perplexity(model, tok, ppl_text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+        ppl, windows = perplexity(model, tok, ppl_text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
         metrics[f"eval/{PPL_TASK}/ppl"] = ppl
         metrics[f"eval/{PPL_TASK}/windows"] = float(windows)
         table.append(
             f"|    Tasks    |Metric| Value |Windows x tokens|\n|-------------|------|------:|---------------:|\n"
             f"|{PPL_TASK}|ppl   |{ppl:.6g}|{windows} x {t.ppl_seqlen}|\n"
         )
-    common.log_metrics(metrics, step=0)
     print("\n".join(table))
     return metrics

@@ -57,10 +57,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from models.atomic import atomic_path
 from models.checkpoint import save_native
 from models.llama import Transformer
 from models.lora import apply_lora, merge_lora, save_adapter
+from models.tokenizer import Tokenizer
 from runner import common, data
+from runner.rundir import RunContext
 
 log = logging.getLogger(__name__)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0, as on one device
@@ -78,7 +81,7 @@ def _lr_factor(max_steps: int, warmup_steps: int, min_lr_ratio: float, step: int
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     t = cfg.task
     if t.method not in ("full", "lora"):
         raise common.ConfigError(f"task.method={t.method!r} is unknown; use full or lora")
@@ -87,19 +90,70 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if t.bf16 not in (True, False, "auto"):
         raise common.ConfigError(f"task.bf16={t.bf16!r} is not valid; use auto, true or false")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    dev = common.device(cfg)
+    dev = ctx.device
     if world > 1:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     try:
-        return _train(cfg, world)
+        return _train(cfg, ctx, world)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: DictConfig, world: int) -> dict[str, float]:
+def _trainable_model(cfg: DictConfig) -> tuple[Transformer, Tokenizer]:
+    """The float model in train mode, with LoRA adapters when task.method=lora."""
+    t = cfg.task
+    model, tok = common.load_model(cfg, apply_quantizer=False)
+    torch.manual_seed(cfg.seed)  # LoRA init and dropout do not depend on how the weights were loaded
+    if t.method == "lora":
+        try:
+            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
+        except ValueError as e:
+            raise common.ConfigError(f"task.lora: {e}") from e
+    return model.train(), tok
+
+
+def _wrap_blocks(model: Transformer, activation_checkpointing: bool, compile_blocks: bool, world: int) -> None:
+    """Activation checkpointing and torch.compile per decoder block, then FSDP2 sharding when world > 1."""
+    for layer in model.model.layers:
+        if activation_checkpointing:
+            # Patching the instance's forward keeps state-dict keys and leaves FSDP's hooks outside the recompute.
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        if compile_blocks:
+            layer.compile()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+
+def _step_metrics(loss: float, lr: float, grad_norm: float, tokens_per_s: float, dev: torch.device) -> dict:
+    return {
+        "finetune/loss": loss,
+        "finetune/lr": lr,
+        "finetune/grad_norm": grad_norm,
+        "finetune/tokens_per_s": tokens_per_s,
+        "finetune/peak_memory_gb": _peak_memory_gb(dev),
+    }
+
+
+def _optimizer_step(params, optimizer, scheduler, max_grad_norm: float | None) -> tuple[float, float]:
+    """Clip, step the optimizer and the schedule, clear the gradients; returns (grad norm, the lr just used)."""
+    grad_norm = _clip_grads(params, max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     t = cfg.task
     rank = dist.get_rank() if world > 1 else 0
     if t.batch_size % (world * t.micro_batch_size):
@@ -108,47 +162,24 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
         )
     mb = t.micro_batch_size
     # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
-    out = Path(_broadcast(str(common.run_dir()), world))
+    out = Path(_broadcast(str(ctx.run_dir), world))
 
-    model, tok = common.load_model(cfg, apply_quantizer=False)
+    model, tok = _trainable_model(cfg)
     dev = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)  # LoRA init and dropout do not depend on how the weights were loaded
-    if t.method == "lora":
-        try:
-            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
-        except ValueError as e:
-            raise common.ConfigError(f"task.lora: {e}") from e
-    model.train()
     train, val = data.load_examples(cfg, tok)
-    for layer in model.model.layers:
-        if t.activation_checkpointing:
-            # Patching the instance's forward keeps state-dict keys and leaves FSDP's hooks outside the recompute.
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        if t.compile:
-            layer.compile()
-    if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(dev.type, (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+    _wrap_blocks(model, t.activation_checkpointing, t.compile, world)
     params = [p for p in model.parameters() if p.requires_grad]
     # _convert_=all: plain lists in param_groups, so the optimizer state saves and loads with weights_only=True.
     optimizer = instantiate(t.optimizer, _convert_="all")(params)
     scheduler = instantiate(t.scheduler)(optimizer, max_steps=t.max_steps)
     amp = t.bf16 is True or (t.bf16 == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
 
-    step, position = 0, 0
     resume = _resume_dir(t.resume, out)
-    if resume is not None:
-        step, position = _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
-        log.info("resumed from %s at step %d", resume, step)
+    step, position = (0, 0) if resume is None else _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
     end = t.max_steps if t.stop_after is None else min(t.max_steps, step + t.stop_after)
     sampler = data.Sampler(len(train), cfg.seed)
     evaluate = functools.partial(_val_loss, model, val, mb, tok.pad_id, dev, amp, rank, world)
-    log_rank0 = common.log_metrics if rank == 0 else lambda metrics, step: None
+    log_rank0 = ctx.log_metrics if rank == 0 else lambda metrics, step: None
     val_loss = None
     if step == 0:
         val_loss = evaluate()
@@ -179,21 +210,11 @@ def _train(cfg: DictConfig, world: int) -> dict[str, float]:
                     f"finetune: loss is {loss} at step {step + 1}; stopped before the optimizer step. Last good "
                     f"checkpoint: {saved or resume or 'none'}; lower task.optimizer.lr or set task.max_grad_norm"
                 )
-            grad_norm = _clip_grads(params, t.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = _optimizer_step(params, optimizer, scheduler, t.max_grad_norm)
             step, position = step + 1, position + t.batch_size
             dt = time.perf_counter() - t0
             tokens_seen, train_time = tokens_seen + n_tokens, train_time + dt
-            metrics = {
-                "finetune/loss": loss,
-                "finetune/lr": lr,
-                "finetune/grad_norm": grad_norm,
-                "finetune/tokens_per_s": n_tokens / dt,
-                "finetune/peak_memory_gb": _peak_memory_gb(dev),
-            }
+            metrics = _step_metrics(loss, lr, grad_norm, n_tokens / dt, dev)
             if step == end or (t.eval_every is not None and step % t.eval_every == 0):
                 metrics["finetune/val_loss"] = val_loss = evaluate()
             log_rank0(metrics, step)
@@ -270,13 +291,10 @@ def _save_checkpoint(out: Path, step, position, model, optimizer, scheduler, ran
         dist.all_gather_object(rngs, rng)
     final = out / "checkpoints" / f"step_{step:06d}"
     if rank == 0:
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-        state = {"step": step, "position": position, "world_size": world, "optimizer": optim, "rng": rngs}
-        torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
-        os.replace(tmp, final)  # a rename: resume never sees a half-written checkpoint
+        with atomic_path(final, directory=True) as tmp:  # a rename: resume never sees a half-written checkpoint
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+            state = {"step": step, "position": position, "world_size": world, "optimizer": optim, "rng": rngs}
+            torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
         for old in final.parent.iterdir():
             if old != final:
                 shutil.rmtree(old)
@@ -316,6 +334,7 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tu
             torch.cuda.set_rng_state(rng["cuda"])
     else:
         log.warning("resuming on %d ranks from %d: random streams (dropout) restart", world, state["world_size"])
+    log.info("resumed from %s at step %d", ckpt, state["step"])
     return state["step"], state["position"]
 
 

@@ -46,6 +46,7 @@ from models.generate import generate
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
 from runner import common
+from runner.rundir import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -131,24 +132,24 @@ def _peak_memory(dev: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     t = cfg.task
     _check_knobs(t)
     texts = _read_prompts(t)
-    dev = common.device(cfg)
+    dev = ctx.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model, tok = common.load_model(cfg)
     prompts = [_encode(t, tok, x) for x in texts]
-    ctx = model.args.max_position_embeddings
+    context_len = model.args.max_position_embeddings
     for n, p in enumerate(prompts, 1):
         where = "task.prompt" if t.prompts_file is None else f"{t.prompts_file}:{n}"
         if not p:
             raise common.ConfigError(f"{where}: the prompt encodes to no tokens; give a non-empty prompt")
-        if len(p) + t.max_new_tokens > ctx:
+        if len(p) + t.max_new_tokens > context_len:
             raise common.ConfigError(
                 f"{where}: {len(p)} prompt tokens + task.max_new_tokens={t.max_new_tokens} exceed the model's context "
-                f"of {ctx} (model.max_position_embeddings); shorten the prompt or lower task.max_new_tokens"
+                f"of {context_len} (model.max_position_embeddings); shorten the prompt or lower task.max_new_tokens"
             )
     total_bytes, step_bytes = weight_bytes(model)
     log.info(
@@ -181,7 +182,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             sys.stdout.write(f"--- [{n}] {x}{sep}{r['text']}\n")
     sys.stdout.flush()
 
-    with open(common.run_dir() / "samples.jsonl", "w", encoding="utf-8") as f:
+    with open(ctx.run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for x, r in zip(texts, results, strict=True):
             row = {k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}
             f.write(json.dumps({"prompt": x, "completion": r["text"], **row}, ensure_ascii=False) + "\n")

@@ -1,7 +1,7 @@
 """Metric loggers: `NoOpLogger` (logger=none) and `WandbLogger` (logger=wandb), one interface.
 
-Stage code never branches on which is active: it calls `runner.common.log_metrics`, which writes
-`metrics.jsonl` and forwards to the logger built here; `runner.common.run_stage` sends the final metrics as the
+Stage code never branches on which is active: it calls `ctx.log_metrics` (runner/rundir.py), which writes
+`metrics.jsonl` and forwards to the logger built here; `runner.rundir.run_stage` sends the final metrics as the
 summary and finishes the run in `finally`, so a failed job still closes its W&B run (with exit code 1).
 
     python -m runner task=quantize logger=wandb                    # offline unless an API key is configured

@@ -16,7 +16,7 @@ model_args.json; tokenizer files; config.yaml), and through the runner metrics.j
 Metrics: `quantize/seconds` (quantization only, GPTQ's calibration passes included), `quantize/model_bytes` (bytes of
 the saved tensors), `quantize/float_bytes` and `quantize/compression` (their ratio, against the float model in
 model.dtype), `quantize/ppl` and `quantize/ppl_float` (WikiText-2 test perplexity, GPTQ paper protocol through
-runner.common.perplexity), `quantize/ppl_windows` (windows scored).
+runner.perplexity), `quantize/ppl_windows` (windows scored).
 
 Knobs (conf/task/quantize.yaml; the quantizer's own in conf/quantizer/):
 - `ppl` turns the quality check off; `ppl_windows` scores the first N windows of `ppl_seqlen` tokens (null: all;
@@ -42,14 +42,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from models.atomic import write_text_atomic
 from models.checkpoint import save_native
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
-from quant import describe, quantize_model
+from quant import QUANTIZERS, describe, quantize_model, quantizer
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
 from runner.calibration import calibration_windows, corpus_path
+from runner.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_test_text
+from runner.rundir import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,15 @@ def _sha256(data: bytes) -> str:
 
 
 def _model_key(cfg: DictConfig) -> dict:
-    """What identifies the float model's weights without hashing them: the pinned sha256 of model.source, the stat
-    of every file under checkpointer.path, or the random-init arguments and seed."""
-    if cfg.checkpointer.path is not None:
-        root = Path(cfg.checkpointer.path).expanduser().resolve()
+    """What identifies the float model's weights (`common.resolve`) without hashing them: the stat of every file
+    under checkpointer.path, the pinned sha256 of model.source, or the random-init arguments and seed."""
+    weights = common.resolve(cfg)
+    if weights.path is not None:
+        root = weights.path.resolve()
         files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
         return {"path": str(root), "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-    if cfg.model.source is not None:
-        return {"source": cfg.model.source, "sha256": cfg.model.sha256}
+    if weights.source is not None:
+        return {"source": weights.source, "sha256": cfg.model.sha256}
     return {"args": OmegaConf.to_container(cfg.model.args, resolve=True), "seed": cfg.seed}
 
 
@@ -75,8 +79,9 @@ def _code_key() -> str:
     # behind a cached number.
     import models.checkpoint
     import models.llama
+    import runner.perplexity
 
-    files = [models.llama.__file__, models.checkpoint.__file__, common.__file__]
+    files = [models.llama.__file__, models.checkpoint.__file__, common.__file__, runner.perplexity.__file__]
     gguf = sys.modules.get("models.gguf")
     if gguf is not None:
         files.append(gguf.__file__)
@@ -85,17 +90,19 @@ def _code_key() -> str:
 
 def _perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text: str) -> tuple[float, int]:
     t = cfg.task
-    return common.perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
+    return perplexity(model, tok, text, t.ppl_seqlen, t.ppl_windows, t.ppl_batch_size)
 
 
-def _float_perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text: str) -> tuple[float, int]:
+def _float_perplexity(
+    cfg: DictConfig, ctx: RunContext, model: Transformer, tok: Tokenizer, text: str
+) -> tuple[float, int]:
     """The float model's perplexity, computed once per model/text/settings and then read from paths.cache_dir."""
     t = cfg.task
     key = {
         "model": _model_key(cfg),
         "checkpointer": cfg.checkpointer.name,
         "dtype": cfg.model.dtype,
-        "device": common.device(cfg).type,
+        "device": ctx.device.type,
         "tokenizer": _sha256(tok.tok.to_str().encode()),
         "text": _sha256(text.encode()),
         "seqlen": t.ppl_seqlen,
@@ -111,9 +118,7 @@ def _float_perplexity(cfg: DictConfig, model: Transformer, tok: Tokenizer, text:
         return hit["ppl"], hit["windows_scored"]
     ppl, n = _perplexity(cfg, model, tok, text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"ppl": ppl, "windows_scored": n, "key": key}, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"ppl": ppl, "windows_scored": n, "key": key}, indent=2))
     return ppl, n
 
 
@@ -121,34 +126,34 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
     return sum(v.numel() * v.element_size() for v in model.state_dict().values())
 
 
-def _check_inputs(cfg: DictConfig) -> None:
+def _check_inputs(cfg: DictConfig) -> dict:
+    """The validated quantizer record, or a ConfigError naming the bad key."""
     q = cfg.quantizer
     if q.name == "none":
-        raise common.ConfigError(
-            "task=quantize needs a quantizer: add quantizer=gptq, quantizer=int4_wo or quantizer=int8_wo"
-        )
+        schemes = ", ".join(f"quantizer={name}" for name in QUANTIZERS if name != "none")
+        raise common.ConfigError(f"task=quantize needs a quantizer: add one of {schemes}")
     w = cfg.task.ppl_windows
     if cfg.task.ppl and w is not None and w < 1:
         raise common.ConfigError(
             f"task.ppl_windows={w}: use a positive count or null (all windows); task.ppl=false skips the check"
         )
-    if q.name == "gptq" and cfg.task.ppl:
+    try:
+        record = describe(OmegaConf.to_container(q, resolve=True))
+    except ValueError as e:
+        raise common.ConfigError(str(e)) from e
+    if quantizer(record).needs_calibration and cfg.task.ppl:
         calib = corpus_path(cfg)
-        scored = common.data_path(cfg, common.WIKITEXT2_TEST).resolve()
+        scored = common.data_path(cfg, WIKITEXT2_TEST).resolve()
         if calib == scored:
             raise common.ConfigError(
                 f"quantizer.calibration={q.calibration} is {scored}, the text task.ppl scores; calibrate on other "
                 "text (quantizer.calibration=c4) or turn the quality check off (task.ppl=false)"
             )
+    return record
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    _check_inputs(cfg)
-    qcfg = OmegaConf.to_container(cfg.quantizer, resolve=True)
-    try:
-        record = describe(qcfg)
-    except ValueError as e:
-        raise common.ConfigError(str(e)) from e
+def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
+    record = _check_inputs(cfg)
     model, tok = common.load_model(cfg, apply_quantizer=False)
     if any(isinstance(m, Int4WeightOnlyLinear | Int8WeightOnlyLinear) for m in model.modules()):
         raise common.ConfigError(
@@ -157,10 +162,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {"quantize/float_bytes": float(_tensor_bytes(model))}
 
     # Calibration first: a problem with its data stops the run before the float model is scored.
-    calib = calibration_windows(cfg, tok) if record["name"] == "gptq" else None
-    text = common.wikitext2_test_text(cfg) if cfg.task.ppl else None
+    calib = calibration_windows(cfg, tok) if quantizer(record).needs_calibration else None
+    text = wikitext2_test_text(cfg) if cfg.task.ppl else None
     if text is not None:
-        ppl_float, _ = _float_perplexity(cfg, model, tok, text)
+        ppl_float, _ = _float_perplexity(cfg, ctx, model, tok, text)
         metrics["quantize/ppl_float"] = ppl_float
         log.info("float model: WikiText-2 perplexity %.4f", ppl_float)
 
@@ -172,12 +177,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("quantized with %s in %.1f s", record["name"], metrics["quantize/seconds"])
 
     if cfg.task.save:
-        out = save_native(common.run_dir() / "model", model, tok, record, common.resolved_yaml(cfg))
+        out = save_native(ctx.run_dir / "model", model, tok, record, common.resolved_yaml(cfg))
         log.info("wrote %s (load it with checkpointer=native checkpointer.path=%s)", out, out)
     if text is not None:
         ppl, n = _perplexity(cfg, model, tok, text)
         metrics["quantize/ppl"] = ppl
         metrics["quantize/ppl_windows"] = float(n)
         log.info("quantized model: WikiText-2 perplexity %.4f over %d windows (float %.4f)", ppl, n, ppl_float)
-    common.log_metrics(metrics, step=0)
     return metrics

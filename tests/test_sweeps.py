@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from runner import compare
 from runner.callbacks import SweepSummary
-from runner.common import HEADLINE
+from runner.stages import STAGES
 
 HAS_OPTUNA = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
 SEARCHES = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
@@ -83,7 +83,7 @@ def test_hparams_search_composes_and_names_real_keys(search):
     for key in sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, f"{search}: {key} is not a config key"
     # The sweeper optimises the value runner/__main__.py returns: the task's headline metric.
-    wanted = "maximize" if HEADLINE[cfg.task.name] in compare.MAXIMIZE else "minimize"
+    wanted = "maximize" if STAGES[cfg.task.name].maximize else "minimize"
     assert sweeper.direction == wanted
 
 

@@ -44,11 +44,11 @@ def test_option_composes_and_instantiates(compose, group, option):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_has_a_smoke_variant_and_a_stage(compose, task):
-    import runner.__main__ as main
+    from runner.stages import STAGES
 
     cfg = compose([f"task={task}", "debug=smoke"])
     assert cfg.task.name == task and cfg.model.name == "tiny"
-    assert task in main.STAGES
+    assert task in STAGES
     assert (CONF / "debug_task" / f"smoke_{task}.yaml").is_file()
 
 

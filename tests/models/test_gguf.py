@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tokenizers
 import torch
+from conftest import tiny_args
 from gguf import GGML_QUANT_SIZES, GGUFWriter, RopeScalingType
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
@@ -117,20 +118,9 @@ def sentencepiece_vocab() -> dict:
 # --- writing GGUF files --------------------------------------------------------------------------------------
 
 
-def tiny_args(vocab: dict, **kw) -> ModelArgs:
-    base = dict(
-        vocab_size=len(vocab["tokens"]),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-    )
-    return ModelArgs(**{**base, **kw})
+def gguf_args(vocab: dict, **kw) -> ModelArgs:
+    """conftest's tiny model with the vocabulary's size (and an intermediate size unlike the hidden's)."""
+    return tiny_args(**{"vocab_size": len(vocab["tokens"]), "intermediate_size": 96, **kw})
 
 
 def random_state(args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -253,7 +243,7 @@ ROUND_TRIP_SQNR = {Q.F16: 70, Q.BF16: 52, Q.Q8_0: 42, Q.Q5_0: 24, Q.Q5_1: 25, Q.
 
 @pytest.mark.parametrize("qtype", [Q.F32, *ROUND_TRIP_SQNR], ids=lambda q: q.name)
 def test_dequantize_round_trip(tmp_path, byte_level_vocab, qtype):
-    args = tiny_args(byte_level_vocab)
+    args = gguf_args(byte_level_vocab)
     sd = random_state(args)
     _, got, _ = load_gguf(write_gguf(tmp_path / "m.gguf", args, sd, byte_level_vocab, qtype=qtype))
     assert got.keys() == sd.keys()
@@ -351,7 +341,7 @@ def test_k_quants_match_reference_dequantizer(tmp_path, byte_level_vocab, qtype)
     """gguf-py cannot quantize K types, so random blocks (with sane f16 scales) are decoded by a reference written
     from ggml's block layouts (ggml-common.h / dequantize_row_q*_K) and compared with what the loader returns."""
     ref, f16_slots = K_QUANTS[qtype]
-    args = tiny_args(byte_level_vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=1)
+    args = gguf_args(byte_level_vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=1)
     sd = random_state(args)
     rng = np.random.default_rng(0)
     block, size = GGML_QUANT_SIZES[qtype]
@@ -379,7 +369,7 @@ def test_supported_types_are_all_tested():
 
 
 def test_model_args_from_metadata(tmp_path, byte_level_vocab):
-    args = tiny_args(byte_level_vocab, tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=500000.0)
+    args = gguf_args(byte_level_vocab, tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=500000.0)
     path = write_gguf(tmp_path / "m.gguf", args, random_state(args), byte_level_vocab)
     got, sd, tok = load_gguf(path)
     assert got == args
@@ -399,7 +389,7 @@ def test_model_args_from_metadata(tmp_path, byte_level_vocab):
 )
 def test_logits_match_transformers_gguf_loader(tmp_path, byte_level_vocab, arch, kw):
     transformers = pytest.importorskip("transformers")
-    args = tiny_args(byte_level_vocab, **kw)
+    args = gguf_args(byte_level_vocab, **kw)
     write_gguf(tmp_path / "m.gguf", args, random_state(args), byte_level_vocab, arch=arch)
     got_args, sd, _ = load_gguf(tmp_path / "m.gguf")
     assert got_args == args
@@ -413,7 +403,7 @@ def test_logits_match_transformers_gguf_loader(tmp_path, byte_level_vocab, arch,
 @pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2"])
 def test_byte_level_tokenizer_matches_transformers(tmp_path, byte_level_vocab, pre):
     transformers = pytest.importorskip("transformers")
-    args = tiny_args(byte_level_vocab)
+    args = gguf_args(byte_level_vocab)
     write_gguf(tmp_path / "m.gguf", args, random_state(args), byte_level_vocab, pre=pre)
     _, _, tok = load_gguf(tmp_path / "m.gguf")
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
@@ -426,7 +416,7 @@ def test_byte_level_tokenizer_matches_transformers(tmp_path, byte_level_vocab, p
 
 def test_sentencepiece_tokenizer_matches_transformers(tmp_path, sentencepiece_vocab):
     transformers = pytest.importorskip("transformers")
-    args = tiny_args(sentencepiece_vocab)
+    args = gguf_args(sentencepiece_vocab)
     write_gguf(tmp_path / "m.gguf", args, random_state(args), sentencepiece_vocab)
     _, _, tok = load_gguf(tmp_path / "m.gguf")
     assert tok.add_bos and tok.bos_id == 1  # llama.cpp's default for SentencePiece files without the flag
@@ -442,7 +432,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path, sentencepiece_vo
 
 
 def test_linear_rope_scaling_from_metadata(tmp_path, byte_level_vocab):
-    args = tiny_args(byte_level_vocab)
+    args = gguf_args(byte_level_vocab)
 
     def meta(w):
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
@@ -461,7 +451,7 @@ def _llama3_divisors(args: ModelArgs, factor=8.0, lo=1.0, hi=4.0, ctx=8192) -> n
 
 
 def test_llama3_rope_freqs_become_rope_scaling(tmp_path, byte_level_vocab):
-    args = tiny_args(byte_level_vocab, hidden_size=256, num_attention_heads=2, num_key_value_heads=1)
+    args = gguf_args(byte_level_vocab, hidden_size=256, num_attention_heads=2, num_key_value_heads=1)
     extra = {"rope_freqs.weight": _llama3_divisors(args, factor=32.0)}
     got, sd, _ = load_gguf(
         write_gguf(tmp_path / "m.gguf", args, random_state(args), byte_level_vocab, extra_tensors=extra)
@@ -484,7 +474,7 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path, byte_level_vocab):
 
 @pytest.fixture
 def tiny_file(tmp_path, byte_level_vocab) -> Path:
-    args = tiny_args(byte_level_vocab)
+    args = gguf_args(byte_level_vocab)
     return write_gguf(tmp_path / "m.gguf", args, random_state(args), byte_level_vocab, qtype=Q.Q8_0)
 
 
@@ -516,7 +506,7 @@ def test_truncated_file_names_file_and_tensor(tiny_file, tmp_path):
     ids=["missing", "shape", "unexpected", "arch"],
 )
 def test_bad_contents_name_file_and_tensor(tmp_path, byte_level_vocab, change, match):
-    args = tiny_args(byte_level_vocab)
+    args = gguf_args(byte_level_vocab)
     sd = random_state(args)
     sd.pop(change.get("drop"), None)
     if "shape" in change:
@@ -530,7 +520,7 @@ def test_bad_contents_name_file_and_tensor(tmp_path, byte_level_vocab, change, m
 
 
 def test_unsupported_type_names_tensor_and_type(tmp_path, byte_level_vocab):
-    args = tiny_args(byte_level_vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=1)
+    args = gguf_args(byte_level_vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=1)
     sd = random_state(args)
     block, size = GGML_QUANT_SIZES[Q.Q2_K]
     t = sd["model.layers.0.mlp.down_proj.weight"]

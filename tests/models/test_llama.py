@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_hf
+from conftest import make_tiny_hf, tiny_args
 
 from models.checkpoint import check_and_load, load_checkpoint
 from models.llama import ModelArgs, Transformer, attention_mask
@@ -212,7 +212,14 @@ def test_init_rope_rebuilds_the_frequencies(tmp_path):
 
 
 def test_decode_without_cache_is_a_clear_error():
-    args = ModelArgs(259, 32, 64, 1, 2, 1, 64, 1e-5, 10000.0, True)
+    args = tiny_args(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     with pytest.raises(RuntimeError, match="setup_caches"):
         Transformer(args)(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
 
@@ -225,20 +232,8 @@ def test_decode_without_cache_is_a_clear_error():
     ],
 )
 def test_model_args_reject_bad_values(bad, match):
-    base = dict(
-        vocab_size=10,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=1e4,
-        tie_word_embeddings=True,
-    )
     with pytest.raises(ValueError, match=match):
-        ModelArgs(**{**base, **bad})
+        tiny_args(**bad)
 
 
 def test_model_args_unknown_key_names_it():

@@ -2,28 +2,16 @@
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from models.llama import ModelArgs, Transformer
+from models.llama import Transformer
 from models.lora import LoRALinear, adapter_state_dict, apply_lora, merge_lora
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _tiny() -> Transformer:
-    torch.manual_seed(0)
-    args = ModelArgs(
-        vocab_size=259,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    return Transformer(args).eval()
+    return tiny_model(tie_word_embeddings=False)
 
 
 def test_zero_b_gives_base_logits_and_only_adapters_train():

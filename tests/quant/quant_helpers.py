@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import copy
 
+import conftest
 import torch
 
-from models.llama import ModelArgs, Transformer
-from quant.base import decoder_linears
+from models.llama import Transformer
+from quant.checks import decoder_linears
 
-TINY_ARGS = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
+# The quantizer tests' sizes on top of conftest's tiny model (their pinned values were made with these).
+QUANT_OVERRIDES = dict(vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
 
 
 def gptq_cfg(**overrides) -> dict:
@@ -61,8 +52,7 @@ def dequantized_twin(float_model: Transformer, qmodel: Transformer) -> Transform
 
 
 def tiny_model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(**{**TINY_ARGS, **overrides})).eval()
+    return conftest.tiny_model(**{**QUANT_OVERRIDES, **overrides})
 
 
 def calib_ids(nsamples: int = 8, seqlen: int = 32) -> torch.Tensor:

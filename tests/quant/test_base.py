@@ -10,7 +10,8 @@ from quant_helpers import calib_ids, dequantized_twin, gptq_cfg, tiny_model, tok
 from safetensors.torch import load_file, save_file
 
 from quant import describe, prepare_for_load, quantize_model
-from quant.base import PARAMS, decoder_linears
+from quant.base import QUANTIZERS
+from quant.checks import decoder_linears
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 
@@ -29,7 +30,7 @@ QCFGS = {
 def test_describe_records_exactly_the_knobs():
     assert describe({"name": "none"}) == {"name": "none"}
     rec = describe(gptq_cfg())
-    assert list(rec) == ["name", *PARAMS["gptq"]]
+    assert list(rec) == ["name", *QUANTIZERS["gptq"].knobs]
     assert json.loads(json.dumps(rec)) == rec
     # a quantizer.json from before these keys: what the code did then
     new_keys = ("sampling", "sink_weight", "attention_weight", "scale_search")

@@ -9,14 +9,14 @@ import json
 
 import pytest
 import torch
-from gptq_reference import reference_gptq
 from quant_helpers import calib_ids, dequantized_twin, gptq_cfg, tiny_model, token_ids
 
 from models.checkpoint import load_checkpoint
 from models.llama import Transformer, apply_rope
 from quant import gptq, quantize_model
-from quant.base import decoder_linears
+from quant.checks import decoder_linears
 from quant.gptq import _SEQUENTIAL_GROUPS, _Hessian, gptq_quantize_model, gptq_quantize_weight
+from quant.gptq_reference import reference_gptq
 from quant.int4 import Int4WeightOnlyLinear, dequantize, pack_int4, rtn_quantize
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 from quant import quantize_model
-from quant.base import decoder_linears
+from quant.checks import decoder_linears
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

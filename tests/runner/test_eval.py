@@ -8,11 +8,12 @@ import json
 import math
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 from lm_eval.tasks import TaskManager
 
 import runner.eval
 from runner import common
+from runner.rundir import run_dir, run_stage
 
 LOCAL = ["wikitext", "hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada_openai", "winogrande"]
 
@@ -90,8 +91,8 @@ def test_labels_match_their_files(local_tasks, data_dir):
 # --- the stage --------------------------------------------------------------------------------------------------
 def test_smoke_end_to_end(compose):
     cfg = compose(["task=eval", "debug=smoke"])
-    metrics = runner.eval.run(cfg)
-    out = common.run_dir()
+    metrics = run_stage(cfg, runner.eval.run)  # as python -m runner runs it: metrics.jsonl is written by the wrapper
+    out = run_dir()
     for key in ("hellaswag/acc", "hellaswag/acc_norm", "arc_easy/acc", "arc_easy/acc_norm", "wikitext2_ppl/ppl"):
         assert math.isfinite(metrics[f"eval/{key}"]), key
     assert metrics["eval/wikitext2_ppl/windows"] == 2
@@ -107,7 +108,7 @@ def test_smoke_end_to_end(compose):
 def test_every_local_task_with_sample_logs(compose):
     tasks = "[wikitext,arc_challenge,piqa,lambada_openai,winogrande]"
     cfg = compose(["task=eval", "debug=smoke", f"task.tasks={tasks}", "task.limit=1", "task.log_samples=true"])
-    metrics = runner.eval.run(cfg)
+    metrics = run_in_process(runner.eval, cfg)
     for key in (
         "wikitext/word_perplexity",
         "wikitext/byte_perplexity",
@@ -120,7 +121,7 @@ def test_every_local_task_with_sample_logs(compose):
     ):
         assert math.isfinite(metrics[f"eval/{key}"]), key
     for task in ("wikitext", "arc_challenge", "piqa", "lambada_openai", "winogrande"):
-        rows = (common.run_dir() / f"samples_{task}.jsonl").read_text().splitlines()
+        rows = (run_dir() / f"samples_{task}.jsonl").read_text().splitlines()
         assert len(rows) == 1 and "resps" in json.loads(rows[0])
 
 
@@ -129,10 +130,12 @@ def test_num_fewshot_and_seed(compose):
     overrides = ["task.tasks=[arc_easy]", "task.limit=2", "task.num_fewshot=2", "task.log_samples=true"]
     contexts = []
     for run, seed in (("a", 1), ("b", 2)):
-        runner.eval.run(compose(["task=eval", "debug=smoke", *overrides, f"task.seed={seed}"], run_name=run))
-        rows = [json.loads(x) for x in (common.run_dir() / "samples_arc_easy.jsonl").read_text().splitlines()]
+        run_in_process(
+            runner.eval, compose(["task=eval", "debug=smoke", *overrides, f"task.seed={seed}"], run_name=run)
+        )
+        rows = [json.loads(x) for x in (run_dir() / "samples_arc_easy.jsonl").read_text().splitlines()]
         contexts.append([r["arguments"][0][0] for r in rows])  # [request][context, continuation]
-        assert json.loads((common.run_dir() / "results.json").read_text())["n-shot"]["arc_easy"] == 2
+        assert json.loads((run_dir() / "results.json").read_text())["n-shot"]["arc_easy"] == 2
     assert all(c.count("Question:") == 3 for c in contexts[0])
     assert contexts[0] != contexts[1]
 
@@ -148,7 +151,7 @@ def test_quantized_native_checkpoint(compose, tmp_path):
     path = tmp_path / "q"
     overrides = ["task.tasks=[arc_easy,wikitext2_ppl]", "checkpointer=native", f"checkpointer.path={path}"]
     cfg = compose(["task=eval", "debug=smoke", *overrides])
-    metrics = runner.eval.run(cfg)
+    metrics = run_in_process(runner.eval, cfg)
     assert math.isfinite(metrics["eval/arc_easy/acc_norm"]) and math.isfinite(metrics["eval/wikitext2_ppl/ppl"])
 
 
@@ -163,11 +166,24 @@ def test_quantized_native_checkpoint(compose, tmp_path):
         ("task.limit=0", "task.limit=0 must be > 0"),
         ("task.limit=-3", "task.limit=-3 must be > 0"),
         ("task.tasks=[]", "task.tasks is empty"),
+        ("quantizer=gptq", "quantizer=gptq needs calibration, which only task=quantize runs"),
     ],
 )
 def test_bad_input(compose, override, message):
     with pytest.raises(common.ConfigError, match=message.replace("[", r"\[")):
-        runner.eval.run(compose(["task=eval", "debug=smoke", override]))
+        run_in_process(runner.eval, compose(["task=eval", "debug=smoke", override]))
+
+
+def test_cli_calibrating_quantizer_fails_with_one_line(tmp_path, data_dir):
+    """quantizer=gptq cannot be applied at load time: one error line saying how to get a GPTQ checkpoint."""
+    run = tmp_path / "run"
+    args = ["task=eval", "debug=smoke", "quantizer=gptq", f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "task=quantize" in errors[0] and "checkpointer=native" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
 
 
 def test_missing_data_file_names_it_and_the_root(compose, tmp_path):
@@ -175,7 +191,7 @@ def test_missing_data_file_names_it_and_the_root(compose, tmp_path):
     empty.mkdir()
     cfg = compose(["task=eval", "debug=smoke", "task.tasks=[piqa]", f"paths.data_dir={empty}"])
     with pytest.raises(common.ConfigError, match=rf"{empty}/eval/piqa/valid.jsonl: data file not found.*{empty}"):
-        runner.eval.run(cfg)
+        run_in_process(runner.eval, cfg)
 
 
 def test_cli_bad_input_is_one_line(tmp_path, data_dir):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_process
 from safetensors.torch import load_file
 
 from runner import common, finetune
@@ -40,7 +41,7 @@ def _per_step(run, key="finetune/loss"):
 
 
 def test_smoke_outputs_load_in_other_stages(compose, tmp_path):
-    metrics = finetune.run(_cfg(compose, tmp_path))
+    metrics = run_in_process(finetune, _cfg(compose, tmp_path))
     assert set(metrics) == {"finetune/final_loss", "finetune/val_loss", "finetune/tokens_per_s", "finetune/steps"}
     assert metrics["finetune/steps"] == 2 and all(v == v for v in metrics.values())
     run = tmp_path / "run"
@@ -69,7 +70,7 @@ def test_smoke_outputs_load_in_other_stages(compose, tmp_path):
 
 def test_loss_goes_down_on_a_fixed_batch(compose, tmp_path):
     over = ["task.max_steps=6", "task.micro_batch_size=2", "task.optimizer.lr=1e-3", "task.scheduler.warmup_steps=0"]
-    finetune.run(_cfg(compose, tmp_path, *over, "task.eval_every=null", same=True))
+    run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.eval_every=null", same=True))
     losses = list(_per_step(tmp_path / "run").values())
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
     assert losses[-1] < 0.9 * losses[0]
@@ -79,12 +80,12 @@ def test_loss_goes_down_on_a_fixed_batch(compose, tmp_path):
 def test_resume_continues_exactly(compose, tmp_path, method):
     # LoRA dropout and gradient accumulation (micro 1, batch 2) make the RNG and data position matter.
     over = ["task.max_steps=4", f"task.method={method}", "task.lora.dropout=0.2", "task.optimizer.lr=1e-3"]
-    finetune.run(_cfg(compose, tmp_path, *over, run="straight"))
-    finetune.run(_cfg(compose, tmp_path, *over, "task.stop_after=2", run="split"))
+    run_in_process(finetune, _cfg(compose, tmp_path, *over, run="straight"))
+    run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.stop_after=2", run="split"))
     split = tmp_path / "split"
     assert not (split / "model").exists()  # unfinished: checkpoint only
     assert [p.name for p in (split / "checkpoints").iterdir()] == ["step_000002"]
-    metrics = finetune.run(_cfg(compose, tmp_path, *over, "task.resume=true", run="split"))
+    metrics = run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.resume=true", run="split"))
     assert metrics["finetune/steps"] == 4
     for key in ("finetune/loss", "finetune/grad_norm", "finetune/lr", "finetune/val_loss"):
         assert _per_step(split, key) == _per_step(tmp_path / "straight", key), key
@@ -95,7 +96,7 @@ def test_lora_trains_only_the_adapter_and_merges(compose, tmp_path):
     cfg = _cfg(
         compose, tmp_path, "task.method=lora", "task.optimizer.lr=1e-2", "task.lora.target_modules=[q_proj,up_proj]"
     )
-    finetune.run(cfg)
+    run_in_process(finetune, cfg)
     run = tmp_path / "run"
     trainable = load_file(run / "checkpoints/step_000002/trainable.safetensors")
     assert trainable and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in trainable)
@@ -120,7 +121,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose, tmp_path):
     # lr 1e30 makes the first AdamW update about 1e30 per weight: step 2's logits overflow.
     cfg = _cfg(compose, tmp_path, "task.max_steps=4", "task.optimizer.lr=1e30", "task.scheduler.warmup_steps=0")
     with pytest.raises(FloatingPointError, match=r"step 2.*checkpoints/step_000001"):
-        finetune.run(cfg)
+        run_in_process(finetune, cfg)
     run = tmp_path / "run"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
     assert not (run / "model").exists()
@@ -136,15 +137,15 @@ def test_sigterm_writes_a_checkpoint_then_exits(compose, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune.data.Sampler, "take", take_then_signal)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="step 1.*task.resume="):
-        finetune.run(_cfg(compose, tmp_path, "task.max_steps=4", "task.save_every=null"))
+        run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=4", "task.save_every=null"))
     assert signal.getsignal(signal.SIGTERM) == before
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step_000001"]
 
 
 @pytest.mark.parametrize("knob", ["task.activation_checkpointing=true", "task.bf16=true"])
 def test_memory_and_precision_knobs(compose, tmp_path, knob):
-    ref = finetune.run(_cfg(compose, tmp_path, run="ref"))
-    got = finetune.run(_cfg(compose, tmp_path, knob, run="knob"))
+    ref = run_in_process(finetune, _cfg(compose, tmp_path, run="ref"))
+    got = run_in_process(finetune, _cfg(compose, tmp_path, knob, run="knob"))
     if knob.startswith("task.activation"):  # recomputation replays the same maths
         assert _per_step(tmp_path / "knob") == _per_step(tmp_path / "ref")
     else:  # bf16 autocast on CPU: same losses to bf16 precision
@@ -154,20 +155,20 @@ def test_memory_and_precision_knobs(compose, tmp_path, knob):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast_and_exact_resume(compose, tmp_path):
-    cpu = finetune.run(_cfg(compose, tmp_path, "task.max_steps=4", run="cpu"))
+    cpu = run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=4", run="cpu"))
     over = ["device=cuda", "task.max_steps=4", "task.method=lora", "task.lora.dropout=0.2"]  # bf16=auto: autocast on
-    got = finetune.run(_cfg(compose, tmp_path, *over, run="straight"))
+    got = run_in_process(finetune, _cfg(compose, tmp_path, *over, run="straight"))
     assert got["finetune/final_loss"] == pytest.approx(cpu["finetune/final_loss"], rel=5e-2)
-    finetune.run(_cfg(compose, tmp_path, *over, "task.stop_after=2", run="split"))
-    finetune.run(_cfg(compose, tmp_path, *over, "task.resume=true", run="split"))  # CUDA RNG restored too
+    run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.stop_after=2", run="split"))
+    run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.resume=true", run="split"))  # CUDA RNG restored too
     # CUDA kernels may accumulate in a different order from run to run: equal to float32 noise, not bit for bit.
     assert _per_step(tmp_path / "split") == pytest.approx(_per_step(tmp_path / "straight"), rel=1e-4)
 
 
 @pytest.mark.slow  # inductor compiles each block: about a minute on 2 cores
 def test_compile_matches_eager(compose, tmp_path):
-    finetune.run(_cfg(compose, tmp_path, run="eager"))
-    finetune.run(_cfg(compose, tmp_path, "task.compile=true", run="compiled"))
+    run_in_process(finetune, _cfg(compose, tmp_path, run="eager"))
+    run_in_process(finetune, _cfg(compose, tmp_path, "task.compile=true", run="compiled"))
     eager, compiled = _per_step(tmp_path / "eager"), _per_step(tmp_path / "compiled")
     assert compiled == pytest.approx(eager, rel=1e-4)
 
@@ -184,7 +185,7 @@ def test_compile_matches_eager(compose, tmp_path):
 )
 def test_bad_config_is_a_config_error(compose, tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
-        finetune.run(_cfg(compose, tmp_path, *overrides))
+        run_in_process(finetune, _cfg(compose, tmp_path, *overrides))
 
 
 @pytest.mark.slow  # two torchrun launches: startup dominates (about a minute on 2 cores)
@@ -204,7 +205,7 @@ def test_fsdp2_two_processes_match_one_and_resume_anywhere(compose, tmp_path, da
         "task.max_grad_norm=0.5",  # clipping active: the global norm must be right
         f"paths.data_dir={data_dir}",
     ]
-    finetune.run(compose(over, run_name="single"))
+    run_in_process(finetune, compose(over, run_name="single"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     # Per-rank run directories: run_stage writes status.json on every rank (see the report to the lead).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "runner", *over,
@@ -224,7 +225,7 @@ def test_fsdp2_two_processes_match_one_and_resume_anywhere(compose, tmp_path, da
 
     r = subprocess.run([*cmd, "task.resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    finetune.run(compose([*over, f"task.resume={tmp_path / 'step2'}"], run_name="cross"))  # 2 ranks -> 1
+    run_in_process(finetune, compose([*over, f"task.resume={tmp_path / 'step2'}"], run_name="cross"))  # 2 ranks -> 1
     for key in ("finetune/loss", "finetune/grad_norm", "finetune/val_loss"):
         want = _per_step(single, key)
         assert _per_step(ddp, key) == pytest.approx(want, abs=1e-4), key

@@ -5,18 +5,19 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_hf, run_cli
+from conftest import make_tiny_hf, run_cli, run_in_process
 from omegaconf import OmegaConf
 
 from models.checkpoint import check_and_load, load_checkpoint, save_native
 from models.generate import generate
 from models.llama import Transformer
 from quant import describe
-from quant.base import decoder_linears
+from quant.checks import decoder_linears
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
 from runner import generate as gen_stage
+from runner.rundir import run_dir
 
 VARIANTS = {
     "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True)),
@@ -136,8 +137,8 @@ def test_native_checkpoint_generates_like_its_source(tmp_path, tiny_hf_dir, comp
     model, tok = _ours(tiny_hf_dir)
     save_native(tmp_path / "native", model, tok, None)
     cfg = compose(["task=generate", "debug=smoke", "checkpointer=native", f"checkpointer.path={tmp_path / 'native'}"])
-    gen_stage.run(cfg)
-    row = json.loads((common.run_dir() / "samples.jsonl").read_text())
+    run_in_process(gen_stage, cfg)
+    row = json.loads((run_dir() / "samples.jsonl").read_text())
     [ref] = _greedy(model, tok, [tok.encode(cfg.task.prompt)], cfg.task.max_new_tokens, stop_ids=tok.stop_ids)
     assert row["completion"] == ref["text"]
 
@@ -156,11 +157,11 @@ def test_quantized_model_and_its_checkpoint_generate_alike(tmp_path, compose, ov
     cfg = compose([*base, *overrides])
     model, tok = common.load_model(cfg)
     save_native(tmp_path / "q", model, tok, describe(OmegaConf.to_container(cfg.quantizer)))
-    gen_stage.run(cfg)
-    fresh = json.loads((common.run_dir() / "samples.jsonl").read_text())
+    run_in_process(gen_stage, cfg)
+    fresh = json.loads((run_dir() / "samples.jsonl").read_text())
     native = compose([*base, "checkpointer=native", f"checkpointer.path={tmp_path / 'q'}"], run_name="native")
-    gen_stage.run(native)
-    assert json.loads((common.run_dir() / "samples.jsonl").read_text()) == fresh
+    run_in_process(gen_stage, native)
+    assert json.loads((run_dir() / "samples.jsonl").read_text()) == fresh
     loaded, tok = common.load_model(native)
     assert not decoder_linears(loaded)  # no float nn.Linear left in the blocks
     names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj")
@@ -175,7 +176,7 @@ def test_stage_end_to_end(compose, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"Hello"\n{"prompt": "A longer second prompt"}\n\n{"prompt": "3"}\n')
     cfg = compose(["task=generate", "debug=smoke", f"task.prompts_file={prompts}", "task.temperature=0.8"])
-    metrics = gen_stage.run(cfg)
+    metrics = run_in_process(gen_stage, cfg)
     for key in (
         "prefill_tokens_per_s",
         "decode_tokens_per_s",
@@ -187,7 +188,7 @@ def test_stage_end_to_end(compose, tmp_path):
         assert metrics[f"generate/{key}"] > 0, key
     # tiny ties its head to the embedding table, so a decode step reads every stored weight.
     assert metrics["generate/model_bytes"] == metrics["generate/decode_bytes_per_token"]
-    rows = [json.loads(line) for line in (common.run_dir() / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir() / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Hello", "A longer second prompt", "3"]
     for r in rows:
         assert 1 <= r["completion_tokens"] <= 8
@@ -197,8 +198,8 @@ def test_stage_end_to_end(compose, tmp_path):
 
 def test_stage_chat(compose):
     cfg = compose(["task=generate", "debug=smoke", "task.chat=true", "task.system=Be brief."])
-    gen_stage.run(cfg)
-    row = json.loads((common.run_dir() / "samples.jsonl").read_text())
+    run_in_process(gen_stage, cfg)
+    row = json.loads((run_dir() / "samples.jsonl").read_text())
     assert row["prompt"] == cfg.task.prompt
     assert row["prompt_tokens"] > len("Be brief.") + len(cfg.task.prompt)  # the template was rendered around it
 
@@ -222,11 +223,12 @@ def test_compiled_decode_equals_eager(tiny_hf_dir):
         ("task.max_new_tokens=0", "task.max_new_tokens"),
         ("task.prompt=''", "task.prompt"),
         ("task.max_new_tokens=1000", "task.max_new_tokens"),  # tiny's context is 256 tokens
+        ("quantizer=gptq", "quantizer=gptq needs calibration"),  # only task=quantize builds calibration data
     ],
 )
 def test_bad_input_is_a_config_error(compose, override, key):
     with pytest.raises(common.ConfigError, match=key):
-        gen_stage.run(compose(["task=generate", "debug=smoke", override]))
+        run_in_process(gen_stage, compose(["task=generate", "debug=smoke", override]))
 
 
 def test_cli_bad_input_fails_with_one_line(tmp_path):

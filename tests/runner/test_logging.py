@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import REPO
 
-from runner import common
 from runner.logging import NoOpLogger, _auto_mode, _netrc_has, build_logger
+from runner.rundir import run_stage
 
 
 def _records(run_file: Path) -> list:
@@ -109,13 +109,13 @@ def test_only_rank_0_of_a_torchrun_job_logs(compose, tmp_path, monkeypatch):
 def test_failed_stage_streams_its_steps_and_finishes_its_run(compose, tmp_path):
     cfg = compose(["task=generate", "debug=smoke", "logger=wandb", "logger.mode=offline"])
 
-    def stage(cfg):
-        common.log_metrics({"generate/loss": 2.5}, step=0)
-        common.log_metrics({"generate/loss": 2.0}, step=1)
+    def stage(cfg, ctx):
+        ctx.log_metrics({"generate/loss": 2.5}, step=0)
+        ctx.log_metrics({"generate/loss": 2.0}, step=1)
         raise RuntimeError("boom")
 
     with pytest.raises(SystemExit):
-        common.run_stage(cfg, stage)
+        run_stage(cfg, stage)
     run = _offline_run(tmp_path / "run")
     assert [h["generate/loss"] for h in run["history"]] == [2.5, 2.0]
     assert run["exit_code"] == 1
@@ -126,7 +126,7 @@ def test_failed_stage_streams_its_steps_and_finishes_its_run(compose, tmp_path):
 @pytest.mark.slow  # a few seconds of wandb; the offline sweep below checks the summary too
 def test_finished_stage_sends_its_metrics_as_the_summary(compose, tmp_path):
     cfg = compose(["task=generate", "debug=smoke", "logger=wandb", "logger.mode=offline", "logger.group=mine"])
-    common.run_stage(cfg, lambda cfg: {"generate/decode_tokens_per_s": 123.0})
+    run_stage(cfg, lambda cfg, ctx: {"generate/decode_tokens_per_s": 123.0})
     run = _offline_run(tmp_path / "run")
     assert run["summary"]["generate/decode_tokens_per_s"] == 123.0
     assert run["exit_code"] == 0 and run["run"].run_group == "mine"

@@ -1,6 +1,6 @@
 """GPTQ's Algorithm 1 (Frantar et al. 2022) in its plainest form: the reference the optimised quant/gptq.py is held
 against, in tests/quant/test_gptq.py (identical integers) and in benchmarks/quantize.py --reference (whole-model
-perplexity)."""
+perplexity, passed to `gptq_quantize_model` as its `solve`). Not used by the runner."""
 
 from __future__ import annotations
 
