@@ -79,7 +79,7 @@ def search_qparams(
     w: torch.Tensor, sym: bool, importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """scale, zero [..., 1] for the groups in the last dim of w [..., g] that minimise the weighted round-trip error
-    sum_j importance_j (w_j - (q_j - zero) scale)^2 (importance [g], broadcast; None: all 1).
+    sum_j importance_j (w_j - (q_j - zero) scale)^2 (importance broadcast to w's shape; None: all 1).
 
     For each range factor f in SEARCH_FACTORS: the min-max grid of the range scaled by f, the weights rounded on it
     to integer levels L, then the scale refitted to those levels by weighted least squares (zero kept), whose error
