@@ -303,11 +303,7 @@ def test_real_smollm2_blocks_beat_round_to_nearest(smollm2_gguf, data_dir):
 
     def hidden(m):
         with torch.no_grad():
-            h = m.model.embed_tokens(held_out)
-            cos, sin = m.rope(torch.arange(held_out.shape[1])[None], h.dtype)
-            for block in m.model.layers:
-                h = block(h, cos, sin)
-            return h
+            return m.hidden(held_out)  # the four blocks' output
 
     ref = hidden(model)
     rtn = quantize_model(copy.deepcopy(model), {"name": "int4_wo", "groupsize": 128, "sym": False})
