@@ -141,18 +141,9 @@ def _compare(ours: dict[str, float], ref: dict[str, float]) -> dict:
     return out
 
 
-def main() -> None:
-    a = _args()
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    cfg = _config(a.overrides)
-    seed = cfg.task.seed
-    started = time.time()
-    tm = TaskManager(
-        include_path=str(TASK_DIR),
-        include_defaults=False,
-        metadata={"data_dir": str(Path(cfg.paths.data_dir).expanduser().resolve())},
-    )
-    text = wikitext2_test_text(cfg)
+def _backends(a: argparse.Namespace, cfg, seed: int) -> tuple[dict[str, LM], dict[str, torch.nn.Module], object]:
+    """The lm-eval models by backend name (ours, hf, and gptq with --gptq-dir), the `ids -> logits` models
+    runner.perplexity scores for each, and the float model's tokenizer."""
     model, tok = common.load_model(cfg)
     backends = {"ours": _CountingLM(model, tok, a.batch_size, None, cfg.task.max_gen_toks, seed)}
     ppl_models = {"ours": model}
@@ -167,26 +158,32 @@ def main() -> None:
         qmodel, qtok = common.load_model(qcfg)
         backends["gptq"] = LMEvalModel(qmodel, qtok, a.batch_size, None, cfg.task.max_gen_toks, seed)
         ppl_models["gptq"] = qmodel
+    return backends, ppl_models, tok
 
-    result = {
-        "settings": {
-            "model": cfg.model.name,
-            "checkpoint": str(common.checkpoint_path(cfg)),
-            "gptq_dir": str(a.gptq_dir) if a.gptq_dir else None,
-            "dtype": cfg.model.dtype,
-            "tasks": a.tasks,
-            "limit": a.limit,
-            "wikitext_limit": a.wikitext_limit or a.limit,
-            "batch_size": a.batch_size,
-            "hf_wikitext_batch_size": 1,
-            "ppl_seqlen": cfg.task.ppl_seqlen,
-            "ppl_windows": a.ppl_windows,
-            "seed": seed,
-            "overrides": a.overrides,
-        },
-        "machine": machine(),
-        "backends": {name: {"tasks": {}} for name in backends},
+
+def _settings(a: argparse.Namespace, cfg, seed: int) -> dict:
+    return {
+        "model": cfg.model.name,
+        "checkpoint": str(common.checkpoint_path(cfg)),
+        "gptq_dir": str(a.gptq_dir) if a.gptq_dir else None,
+        "dtype": cfg.model.dtype,
+        "tasks": a.tasks,
+        "limit": a.limit,
+        "wikitext_limit": a.wikitext_limit or a.limit,
+        "batch_size": a.batch_size,
+        "hf_wikitext_batch_size": 1,
+        "ppl_seqlen": cfg.task.ppl_seqlen,
+        "ppl_windows": a.ppl_windows,
+        "seed": seed,
+        "overrides": a.overrides,
     }
+
+
+def _run_lm_eval_tasks(
+    a: argparse.Namespace, tm: TaskManager, backends: dict[str, LM], seed: int, result: dict
+) -> dict[str, int]:
+    """Every task through every backend (one timed simple_evaluate call each) into result["backends"]; returns
+    the tokens HFLM would feed per task, counted on ours."""
     tokens = {}
     for task in a.tasks:
         for name, lm in backends.items():
@@ -222,6 +219,11 @@ def main() -> None:
             result["backends"][name]["tasks"][task] = rec
             log(f"{task} {name}: {json.dumps(rec)}")
             write_json(a.out, result)  # after every task, so an interrupted run keeps what it measured
+    return tokens
+
+
+def _score_perplexity(a: argparse.Namespace, cfg, ppl_models: dict[str, torch.nn.Module], tok, text, result) -> None:
+    """wikitext2_ppl (runner.perplexity) of every backend's model, timed, into result["backends"]."""
     seqlen = cfg.task.ppl_seqlen
     for name, m in ppl_models.items():
         with Clock() as clock, torch.no_grad():
@@ -235,6 +237,9 @@ def main() -> None:
         }
         log(f"wikitext2_ppl {name}: {result['backends'][name]['wikitext2_ppl']}")
 
+
+def _summarize(a: argparse.Namespace, result: dict, tokens: dict[str, int]) -> None:
+    """The comparisons (float_vs_hf; gptq_vs_float when a GPTQ backend ran) and the target checks, into `result`."""
     ours, hf = result["backends"]["ours"], result["backends"]["hf"]
     comparison = {task: _compare(ours["tasks"][task]["scores"], hf["tasks"][task]["scores"]) for task in a.tasks}
     comparison["wikitext2_ppl"] = _compare({"ppl": ours["wikitext2_ppl"]["ppl"]}, {"ppl": hf["wikitext2_ppl"]["ppl"]})
@@ -258,7 +263,7 @@ def main() -> None:
         "speedup_lm_eval_tasks": total["hf"]["seconds"] / total["ours"]["seconds"],
         "speedup_lm_eval_tasks_cpu": total["hf"]["cpu_seconds"] / total["ours"]["cpu_seconds"],
     }
-    if "gptq" in backends:
+    if "gptq" in result["backends"]:
         g = result["backends"]["gptq"]
         result["gptq_vs_float"] = {
             task: {m: v - ours["tasks"][task]["scores"][m] for m, v in g["tasks"][task]["scores"].items()}
@@ -268,6 +273,29 @@ def main() -> None:
         "scores_within_tolerance": all(c["ok"] for task in comparison.values() for c in task.values()),
         "speedup_at_least_1.5x": result["float_vs_hf"]["speedup_lm_eval_tasks"] >= 1.5,
     }
+
+
+def main() -> None:
+    a = _args()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    cfg = _config(a.overrides)
+    seed = cfg.task.seed
+    started = time.time()
+    tm = TaskManager(
+        include_path=str(TASK_DIR),
+        include_defaults=False,
+        metadata={"data_dir": str(Path(cfg.paths.data_dir).expanduser().resolve())},
+    )
+    text = wikitext2_test_text(cfg)
+    backends, ppl_models, tok = _backends(a, cfg, seed)
+    result = {
+        "settings": _settings(a, cfg, seed),
+        "machine": machine(),
+        "backends": {name: {"tasks": {}} for name in backends},
+    }
+    tokens = _run_lm_eval_tasks(a, tm, backends, seed, result)
+    _score_perplexity(a, cfg, ppl_models, tok, text, result)
+    _summarize(a, result, tokens)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_s"] = time.time() - started
     write_json(a.out, result)

@@ -162,6 +162,94 @@ def _write(path: Path, result: dict, groupsizes: list[int]) -> None:
     write_json(path, result)
 
 
+def _settings(a: argparse.Namespace, cfg) -> dict:
+    return {
+        "model": cfg.model.name,
+        "checkpoint": str(common.checkpoint_path(cfg)),
+        "dtype": cfg.model.dtype,
+        "device": str(common.device(cfg)),
+        "nsamples": a.nsamples,
+        "seqlen": a.seqlen,
+        "calibration": a.calibration,
+        "seed": a.seed,
+        "ppl_seqlen": cfg.task.ppl_seqlen,
+        "ppl_windows": a.ppl_windows,
+        "gptq": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.quantizer, resolve=True).items()
+            if k not in ("groupsize", "act_order")
+        },
+        "overrides": a.overrides,
+    }
+
+
+def _time_floor(a: argparse.Namespace, float_model, calib: torch.Tensor, result: dict) -> None:
+    """The two-pass floor (wall and CPU seconds; None with --skip-floor) into `result`."""
+    result["floor_two_forward_s"] = result["floor_two_forward_cpu_s"] = None
+    if not a.skip_floor:
+        with Clock() as floor:
+            _forward(float_model, calib, passes=2)
+        result["floor_two_forward_s"], result["floor_two_forward_cpu_s"] = floor.wall, floor.cpu
+
+
+def _groupsize_runs(
+    a: argparse.Namespace, cfg, g: int, act_orders: list[bool], base: dict, float_model, tok, text, calib, result
+) -> None:
+    """RTN and GPTQ (each act-order setting) at group size `g`, each from the float model, into result["runs"]."""
+    plans = [("rtn", {"name": "int4_wo", "groupsize": g, "sym": base["sym"]}, None)]
+    plans += [("gptq", {**base, "groupsize": g, "act_order": ao}, ao) for ao in act_orders]
+    for method, qcfg, act_order in plans:
+        model = copy.deepcopy(float_model)
+        with Clock() as clock:
+            quantize_model(model, qcfg, calib if method == "gptq" else None)
+        ppl, _ = _ppl(cfg, model, tok, text)
+        run = {
+            "method": method,
+            "groupsize": g,
+            "act_order": act_order,
+            "ppl": ppl,
+            "seconds": clock.wall,
+            "cpu_seconds": clock.cpu,
+        }
+        result["runs"].append(run)
+        log(json.dumps(run))
+        _write(a.out, result, a.groupsizes)  # after every run, so an interrupted grid keeps what it measured
+        del model
+
+
+def _reference_check(a: argparse.Namespace, cfg, base: dict, float_model, tok, text, calib, result: dict) -> None:
+    """--reference: ours against the column-by-column Algorithm 1 at the first group size, act-order on."""
+    # The same configuration twice, each from the float model on the same calibration windows: ours as shipped
+    # (float64 solve on CPU) and the column-by-column reference (float64). They give identical integers layer
+    # by layer (tests/quant/test_gptq.py); here the whole sequential recipe is compared by perplexity.
+    g = a.groupsizes[0]
+    spec = describe({**base, "groupsize": g, "act_order": True})
+
+    def reference(Ws, H, **kw):
+        return [_reference_weight(W, H, **kw) for W in Ws]
+
+    ref = {"groupsize": g, "act_order": True, "solve_dtype": str(gptq.CPU_SOLVE_DTYPE)}
+    shipped = [r for r in result["runs"] if r["method"] == "gptq" and r["groupsize"] == g and r["act_order"]]
+    labels = [("reference", reference)]
+    if shipped:  # the grid already ran ours as shipped at this setting
+        ref["ppl_ours"], ref["seconds_ours"] = shipped[0]["ppl"], shipped[0]["seconds"]
+    else:
+        labels.insert(0, ("ours", gptq.gptq_quantize_weights))
+    for label, fn in labels:
+        log(f"reference check: {label}, groupsize {g}, act-order on")
+        model = copy.deepcopy(float_model)
+        with Clock() as clock:
+            gptq.gptq_quantize_model(model, calib, spec, solve=fn)
+        ref[f"ppl_{label}"], _ = _ppl(cfg, model, tok, text)
+        ref[f"seconds_{label}"] = clock.wall
+        del model
+    rel = abs(ref["ppl_ours"] - ref["ppl_reference"]) / ref["ppl_reference"]
+    ref["relative_difference"], ref["within_1_percent"] = rel, rel <= 0.01
+    result["reference"] = ref
+    log(json.dumps(ref))
+    _write(a.out, result, a.groupsizes)
+
+
 def main() -> None:
     a = _args()
     if a.threads is not None:
@@ -171,34 +259,9 @@ def main() -> None:
     float_model, tok = common.load_model(cfg, apply_quantizer=False)
     text = wikitext2_test_text(cfg)
     calib = calibration_windows(cfg, tok)  # [nsamples, seqlen]
-    result = {
-        "settings": {
-            "model": cfg.model.name,
-            "checkpoint": str(common.checkpoint_path(cfg)),
-            "dtype": cfg.model.dtype,
-            "device": str(common.device(cfg)),
-            "nsamples": a.nsamples,
-            "seqlen": a.seqlen,
-            "calibration": a.calibration,
-            "seed": a.seed,
-            "ppl_seqlen": cfg.task.ppl_seqlen,
-            "ppl_windows": a.ppl_windows,
-            "gptq": {
-                k: v
-                for k, v in OmegaConf.to_container(cfg.quantizer, resolve=True).items()
-                if k not in ("groupsize", "act_order")
-            },
-            "overrides": a.overrides,
-        },
-        "machine": machine(),
-        "runs": [],
-    }
+    result = {"settings": _settings(a, cfg), "machine": machine(), "runs": []}
     log(f"calibration {tuple(calib.shape)}; timing two forward passes of the float model")
-    result["floor_two_forward_s"] = result["floor_two_forward_cpu_s"] = None
-    if not a.skip_floor:
-        with Clock() as floor:
-            _forward(float_model, calib, passes=2)
-        result["floor_two_forward_s"], result["floor_two_forward_cpu_s"] = floor.wall, floor.cpu
+    _time_floor(a, float_model, calib, result)
     ppl, n = _ppl(cfg, float_model, tok, text)
     result["ppl_float"], result["ppl_windows_scored"] = ppl, n
     log(f"float ppl {ppl:.4f} over {n} windows; floor {result['floor_two_forward_s']} s wall")
@@ -207,57 +270,11 @@ def main() -> None:
     both_at = set(a.both_at or [])
     base = OmegaConf.to_container(cfg.quantizer, resolve=True)
     for g in a.groupsizes:
-        plans = [("rtn", {"name": "int4_wo", "groupsize": g, "sym": base["sym"]}, None)]
         orders = [False, True] if g in both_at else act_orders
-        plans += [("gptq", {**base, "groupsize": g, "act_order": ao}, ao) for ao in orders]
-        for method, qcfg, act_order in plans:
-            model = copy.deepcopy(float_model)
-            with Clock() as clock:
-                quantize_model(model, qcfg, calib if method == "gptq" else None)
-            ppl, _ = _ppl(cfg, model, tok, text)
-            run = {
-                "method": method,
-                "groupsize": g,
-                "act_order": act_order,
-                "ppl": ppl,
-                "seconds": clock.wall,
-                "cpu_seconds": clock.cpu,
-            }
-            result["runs"].append(run)
-            log(json.dumps(run))
-            _write(a.out, result, a.groupsizes)  # after every run, so an interrupted grid keeps what it measured
-            del model
+        _groupsize_runs(a, cfg, g, orders, base, float_model, tok, text, calib, result)
 
     if a.reference:
-        # The same configuration twice, each from the float model on the same calibration windows: ours as shipped
-        # (float64 solve on CPU) and the column-by-column reference (float64). They give identical integers layer
-        # by layer (tests/quant/test_gptq.py); here the whole sequential recipe is compared by perplexity.
-        g = a.groupsizes[0]
-        spec = describe({**base, "groupsize": g, "act_order": True})
-
-        def reference(Ws, H, **kw):
-            return [_reference_weight(W, H, **kw) for W in Ws]
-
-        ref = {"groupsize": g, "act_order": True, "solve_dtype": str(gptq.CPU_SOLVE_DTYPE)}
-        shipped = [r for r in result["runs"] if r["method"] == "gptq" and r["groupsize"] == g and r["act_order"]]
-        labels = [("reference", reference)]
-        if shipped:  # the grid already ran ours as shipped at this setting
-            ref["ppl_ours"], ref["seconds_ours"] = shipped[0]["ppl"], shipped[0]["seconds"]
-        else:
-            labels.insert(0, ("ours", gptq.gptq_quantize_weights))
-        for label, fn in labels:
-            log(f"reference check: {label}, groupsize {g}, act-order on")
-            model = copy.deepcopy(float_model)
-            with Clock() as clock:
-                gptq.gptq_quantize_model(model, calib, spec, solve=fn)
-            ref[f"ppl_{label}"], _ = _ppl(cfg, model, tok, text)
-            ref[f"seconds_{label}"] = clock.wall
-            del model
-        rel = abs(ref["ppl_ours"] - ref["ppl_reference"]) / ref["ppl_reference"]
-        ref["relative_difference"], ref["within_1_percent"] = rel, rel <= 0.01
-        result["reference"] = ref
-        log(json.dumps(ref))
-        _write(a.out, result, a.groupsizes)
+        _reference_check(a, cfg, base, float_model, tok, text, calib, result)
 
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_s"] = time.time() - started
