@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from models.atomic import atomic_path
 from models.tokenizer import Tokenizer
 from quant.gptq import SAMPLING
-from runner.common import ConfigError, data_path
+from runner.common import ConfigError, data_path, read_text
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _record_text(record, path: Path) -> str:
 
 def read_documents(path: Path) -> list[str]:
     """The corpus's documents: the records of a json/jsonl file, or a txt file whole."""
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path, "quantizer.calibration")
     if path.suffix in (".txt", ".raw"):
         return [raw]
     try:
