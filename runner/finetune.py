@@ -229,8 +229,9 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
         log_rank0({"finetune/val_loss": val_loss}, 0)
 
     tokens_seen, train_time, saved = 0, 0.0, None
+    # The bar is closed on any exit, so an error line starts on a line of its own.
     bar = tqdm(total=t.max_steps, initial=step, desc="finetune", disable=rank != 0)
-    with _Interrupt() as interrupt:
+    with bar, _Interrupt() as interrupt:
         while step < end:
             t0 = time.perf_counter()
             idx = sampler.take(position, t.batch_size)
@@ -271,7 +272,6 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
                 raise Interrupted(
                     interrupt.signal, f"stopped after step {step}; checkpoint {saved} (continue: task.resume=true)"
                 )
-    bar.close()
 
     if val_loss is None:  # resumed with no steps left
         val_loss = evaluate()
