@@ -58,3 +58,14 @@ def test_bad_input_is_a_clear_error(tmp_path, args, expected):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert expected in r.stderr
+
+
+def test_unwritable_output_root_is_one_line_naming_it(tmp_path):
+    # issue 16: a file (or /proc) as paths.output_root printed 33-42 lines of chained Hydra tracebacks.
+    root = tmp_path / "a_file"
+    root.write_text("")
+    r = run_cli([*SMOKE, f"paths.output_root={root}"], cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot create the output directory {root}/generate/")
+    assert "paths.output_root" in lines[0]
