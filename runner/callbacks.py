@@ -51,10 +51,18 @@ class SweepSummary(Callback):
 
 class WritableOutput(Callback):
     """Make the run (or sweep) directory before Hydra does, so an output root that cannot be written (a file, a
-    read-only or missing mount) ends with one line naming the path instead of Hydra's chained tracebacks."""
+    read-only or missing mount) ends with one line naming the path instead of Hydra's chained tracebacks; and stop
+    a run whose directory another live run holds before Hydra overwrites that run's `.hydra/`."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from runner.rundir import RunDirBusy, check_lock  # imports torch: only when a run starts
+
         _make(config.hydra.run.dir)
+        try:
+            check_lock(Path(config.hydra.run.dir))
+        except RunDirBusy as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _make(config.hydra.sweep.dir)

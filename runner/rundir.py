@@ -144,6 +144,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_lock(out: Path) -> None:
+    """RunDirBusy naming the holder when a live run holds `out/.lock` (a lock of a process of this host that no
+    longer runs, or an unreadable one, does not count). Hydra's WritableOutput callback calls it before Hydra writes
+    `.hydra/`, so a second run does not overwrite the first one's config either."""
+    lock = out / ".lock"
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable (a crash mid-write)
+        return
+    if host != socket.gethostname() or (pid > 0 and _pid_alive(pid)):
+        raise RunDirBusy(
+            f"run directory {out} is in use by pid {pid} on {host} (since {holder.get('start')}, lock file {lock}); "
+            "wait for that run, pick another hydra.run.dir, or delete the lock if that run is dead"
+        )
+
+
 def acquire_lock(out: Path) -> Path:
     """Take `out/.lock` (pid, host, start) for this process; RunDirBusy naming the holder when a live run has it.
     A lock from a process of this host that no longer runs is taken over."""
@@ -153,17 +170,8 @@ def acquire_lock(out: Path) -> Path:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-                pid, host = int(holder["pid"]), str(holder["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                holder, pid, host = {}, -1, me["host"]  # unreadable: a crash mid-write, taken over
-            if host != me["host"] or (pid > 0 and _pid_alive(pid)):
-                raise RunDirBusy(
-                    f"run directory {out} is in use by pid {pid} on {host} (since {holder.get('start')}, lock file "
-                    f"{lock}); wait for that run, pick another hydra.run.dir, or delete the lock if it is dead"
-                ) from None
-            log.warning("taking over %s from pid %s, which no longer runs", lock, pid)
+            check_lock(out)
+            log.warning("taking over %s from a run that no longer runs", lock)
             lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
