@@ -17,6 +17,7 @@ HYDRA_FULL_ERROR=1 a failure is raised with its traceback and the sweep stops th
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class WritableOutput(Callback):
         from runner.rundir import RunDirBusy, check_lock  # imports torch: only when a run starts
 
         _make(config.hydra.run.dir)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds the lock of the directory all ranks share
+            return
         try:
             check_lock(Path(config.hydra.run.dir))
         except RunDirBusy as e:
