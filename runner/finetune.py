@@ -195,7 +195,7 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
     out = Path(_broadcast(str(ctx.run_dir), world))
     resume = _resume_dir(t.resume, out)
-    if resume is None:
+    if resume is None or out.resolve() not in resume.resolve().parents:  # not continuing this directory's run
         _claim_run_dir(out, t.overwrite, rank)
 
     model, tok = _trainable_model(cfg)

@@ -158,6 +158,12 @@ def test_rerun_into_a_run_with_checkpoints_refuses_unless_resume_or_overwrite(co
     run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=1", "task.overwrite=true"))
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
     assert [r["step"] for r in _rows(run)] == [0, 1]
+    # Continuing another directory's checkpoint here would mix two runs just the same.
+    run_in_process(finetune, _cfg(compose, tmp_path, run="other"))
+    other = f"task.resume={tmp_path / 'other' / 'checkpoints' / 'step_000002'}"
+    with pytest.raises(ConfigError, match="task.overwrite=true"):
+        run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=3", other))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
 
 
 def test_keep_checkpoints_keeps_the_newest_and_never_a_newer_step(compose, tmp_path):
