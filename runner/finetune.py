@@ -408,7 +408,7 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tuple[int, int]:
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tuple[int, int, float]:
     weights = load_file(str(ckpt / "trainable.safetensors"))
     state = torch.load(ckpt / "train_state.pt", weights_only=True)  # tensors and plain containers only
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
