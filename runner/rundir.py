@@ -110,7 +110,8 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):  # raised by Python's own SIGINT handler (no handler of ours installed)
         return f"interrupted by SIGINT{'; ' + str(e) if str(e) else ''}"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"disk full: {e}; free space under {e.filename or 'the run directory'} and run again (finetune: task.resume=true)"
+        where = e.filename or "the run directory"
+        return f"disk full: {e}; free space under {where} and run again (finetune: task.resume=true)"
     return f"{type(e).__name__}: {e}"
 
 
