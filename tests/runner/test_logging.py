@@ -163,8 +163,16 @@ def test_a_server_that_accepts_but_never_answers_falls_back_to_offline(tmp_path,
     # issue 16: with an API key and a W&B host that accepts the connection but never answers, wandb.init gave up
     # after its timeout and the job failed. Now the stage runs, logs offline, and ends ok.
     server = socket.create_server(("127.0.0.1", 0))
-    held = []
-    accepting = threading.Thread(target=lambda: held.extend(server.accept() for _ in range(64)), daemon=True)
+    held = []  # accepted connections, kept open and never answered
+
+    def accept_until_closed():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # the test closed the server
+                return
+
+    accepting = threading.Thread(target=accept_until_closed, daemon=True)
     accepting.start()
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
     env.update(
@@ -184,6 +192,9 @@ def test_a_server_that_accepts_but_never_answers_falls_back_to_offline(tmp_path,
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     server.close()
+    accepting.join(timeout=10)
+    for conn in held:
+        conn.close()
     assert r.returncode == 0, r.stderr[-3000:]
     assert held, "the runner never connected to the listener"
     assert json.loads((run / "status.json").read_text())["status"] == "ok"
