@@ -75,6 +75,8 @@ def load_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], Tok
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GGUF file not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a GGUF model; re-download it")
     try:
         reader = GGUFReader(path)
     except (ValueError, KeyError, IndexError, OSError) as e:

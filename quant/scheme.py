@@ -50,8 +50,8 @@ def positive_int(value) -> str | None:
     return None if _is_int(value) and value > 0 else "must be a positive integer"
 
 
-def integer(value) -> str | None:
-    return None if _is_int(value) else "must be an integer"
+def non_negative_int(value) -> str | None:
+    return None if _is_int(value) and value >= 0 else "must be an integer >= 0"
 
 
 def boolean(value) -> str | None:
@@ -63,7 +63,11 @@ def one_of(*choices: str) -> Check:
 
 
 def number_at_least_zero(hint: str) -> Check:
-    return lambda value: None if isinstance(value, int | float) and value >= 0 else f"must be a number >= 0 ({hint})"
+    def check(value) -> str | None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return None if ok else f"must be a number >= 0 ({hint})"
+
+    return check
 
 
 def positive_number(hint: str) -> Check:

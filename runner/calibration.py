@@ -17,7 +17,7 @@
   documents, 13 are longer than 2048 tokens (SmolLM2's tokenizer), so at seqlen 2048 the windows repeat documents.
 
 The windows are cached under `paths.cache_dir/calibration/` keyed by the tokenizer, the corpus bytes, nsamples,
-seqlen and seed, so the jobs of a sweep tokenize and sample once.
+seqlen, seed, sampling and this module's code, so the jobs of a sweep tokenize and sample once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from models.atomic import atomic_path
 from models.tokenizer import Tokenizer
 from quant.gptq import SAMPLING
-from runner.common import ConfigError, data_path
+from runner.common import ConfigError, data_path, read_text
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _record_text(record, path: Path) -> str:
 
 def read_documents(path: Path) -> list[str]:
     """The corpus's documents: the records of a json/jsonl file, or a txt file whole."""
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path, "quantizer.calibration")
     if path.suffix in (".txt", ".raw"):
         return [raw]
     try:
@@ -139,6 +139,7 @@ def calibration_windows(cfg: DictConfig, tokenizer: Tokenizer) -> torch.Tensor:
         "seqlen": q.seqlen,
         "seed": q.seed,
         "sampling": q.sampling,
+        "code": _sha256(Path(__file__).read_bytes()),  # how windows are read and drawn: a change is a new entry
     }
     cache = Path(cfg.paths.cache_dir).expanduser() / "calibration" / f"{_sha256(json.dumps(key).encode())}.safetensors"
     if cache.is_file():

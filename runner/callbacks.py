@@ -1,4 +1,5 @@
-"""Hydra callback run at the end of every multirun (registered in conf/hydra/default.yaml).
+"""Hydra callbacks (registered in conf/hydra/default.yaml): the sweep summary at the end of every multirun, and
+the check that the output directory can be made before Hydra writes into it.
 
     python -m runner -m task=quantize quantizer=gptq quantizer.groupsize=32,64,128 quantizer.percdamp=0.01,0.1
 
@@ -16,6 +17,8 @@ HYDRA_FULL_ERROR=1 a failure is raised with its traceback and the sweep stops th
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,40 @@ class SweepSummary(Callback):
             # Callbacks' exceptions are turned into warnings by Hydra; SystemExit is not an Exception and ends the
             # process with a failing exit code, after the summary is written.
             raise SystemExit(1)
+
+
+class WritableOutput(Callback):
+    """Make the run (or sweep) directory before Hydra does, so an output root that cannot be written (a file, a
+    read-only or missing mount) ends with one line naming the path instead of Hydra's chained tracebacks; and stop
+    a run whose directory another live run holds before Hydra overwrites that run's `.hydra/`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from runner.rundir import RunDirBusy, check_lock  # imports torch: only when a run starts
+
+        _make(config.hydra.run.dir)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds the lock of the directory all ranks share
+            return
+        try:
+            check_lock(Path(config.hydra.run.dir))
+        except RunDirBusy as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make(config.hydra.sweep.dir)
+
+
+def _make(directory: str) -> None:
+    # The same config object Hydra then uses: ${now:...} is cached in it, so this is the directory it will use.
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(
+            f"error: cannot create the output directory {directory} ({e.strerror}: {e.filename}); set "
+            "paths.output_root (or hydra.run.dir) to a writable directory",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None  # not an Exception: Hydra would turn one into a warning and go on
 
 
 def _sync_pattern(offline_run: Path, sweep: Path) -> str:

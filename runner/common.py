@@ -62,6 +62,17 @@ def data_path(cfg: DictConfig, relpath: str, key: str | None = None) -> Path:
     return p
 
 
+def read_text(path: Path, key: str | None = None) -> str:
+    """A UTF-8 text file, with a one-line ConfigError naming the file (and `key`) when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        given = f" ({key})" if key else ""
+        raise ConfigError(
+            f"{path}{given}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Weights:
     """Where the model's weights come from. At most one field is set; neither means random init from model.args
@@ -86,10 +97,18 @@ def checkpoint_path(cfg: DictConfig) -> Path | None:
         return weights.path
     from models.sources import SourceError, resolve_source
 
-    try:
-        return resolve_source(weights.source, Path(cfg.paths.cache_dir).expanduser(), cfg.model.sha256)
-    except SourceError as e:
-        raise ConfigError(str(e)) from e
+    key = (weights.source, str(Path(cfg.paths.cache_dir).expanduser()))
+    # An unpinned source resolves to the same local path every time: resolved once per process, so a hub snapshot
+    # is not fetched again for quantize's cache key. A pinned one is checked against model.sha256 on every call.
+    if cfg.model.sha256 is not None or key not in _RESOLVED:
+        try:
+            _RESOLVED[key] = resolve_source(weights.source, Path(key[1]), cfg.model.sha256)
+        except SourceError as e:
+            raise ConfigError(str(e)) from e
+    return _RESOLVED[key]
+
+
+_RESOLVED: dict[tuple[str, str], Path] = {}  # (model.source, paths.cache_dir) -> the local path it resolved to
 
 
 def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transformer, Tokenizer]:

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from models.tokenizer import Tokenizer
-from runner.common import ConfigError, data_path
+from runner.common import ConfigError, data_path, read_text
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 FORMATS = ("instruct", "messages", "text")
@@ -39,7 +39,7 @@ Example = tuple[list[int], list[int]]  # (token ids, labels), same length
 
 def read_records(path: Path) -> list[dict]:
     """A JSON array or JSONL file of objects (a JSON array starts with '[')."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data.path")
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)
@@ -112,7 +112,7 @@ def load_examples(cfg: DictConfig, tok: Tokenizer) -> tuple[list[Example], list[
     path = data_path(cfg, data.path, "data.path")
     seq = t.max_seq_len
     if data.format == "text":
-        ids = tok.encode(path.read_text(encoding="utf-8"))
+        ids = tok.encode(read_text(path, "data.path"))
         blocks = _blocks(ids, ids, seq)
         if len(blocks) <= data.val_size:
             raise ConfigError(f"{path}: {len(blocks)} blocks of {seq} tokens, need more than data.val_size")

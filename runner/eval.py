@@ -47,6 +47,7 @@ from omegaconf import DictConfig
 
 import conf
 from runner import common
+from runner.knobs import check, integer, number
 from runner.lm_eval_adapter import LMEvalModel
 from runner.perplexity import perplexity, wikitext2_test_text
 from runner.rundir import RunContext
@@ -54,20 +55,26 @@ from runner.rundir import RunContext
 TASK_DIR = Path(conf.__file__).resolve().parent / "lm_eval_tasks"
 PPL_TASK = "wikitext2_ppl"
 
+# Every numeric knob's type and range, checked before anything loads (runner/knobs.py).
+KNOBS = {
+    "limit": number(gt=0, null=True),  # < 1: a fraction of each task's documents
+    "num_fewshot": integer(lo=0, null=True),
+    "batch_size": integer(lo=1),
+    "max_length": integer(lo=2, null=True),
+    "max_gen_toks": integer(lo=1),
+    "seed": integer(lo=0),
+    "bootstrap_iters": integer(lo=0),
+    "ppl_seqlen": integer(lo=2),
+    "ppl_windows": integer(lo=1, null=True),
+    "ppl_batch_size": integer(lo=1),
+}
+
 
 def _check_knobs(t: DictConfig) -> list[str]:
     names = [t.tasks] if isinstance(t.tasks, str) else list(t.tasks)
     if not names:
         raise common.ConfigError("task.tasks is empty; list tasks, e.g. task.tasks=[wikitext2_ppl,hellaswag]")
-    if t.limit is not None and t.limit <= 0:
-        raise common.ConfigError(f"task.limit={t.limit} must be > 0 (documents per task; < 1: a fraction) or null")
-    if t.num_fewshot is not None and t.num_fewshot < 0:
-        raise common.ConfigError(f"task.num_fewshot={t.num_fewshot} must be >= 0, or null for each task's own")
-    for key in ("batch_size", "ppl_batch_size", "ppl_seqlen", "max_gen_toks"):
-        if t[key] < 1:
-            raise common.ConfigError(f"task.{key}={t[key]} must be an integer >= 1")
-    if t.ppl_windows is not None and t.ppl_windows < 1:
-        raise common.ConfigError(f"task.ppl_windows={t.ppl_windows} must be >= 1, or null for the whole split")
+    check(t, "task", KNOBS)
     if t.max_length is not None and t.max_length <= t.max_gen_toks:
         raise common.ConfigError(f"task.max_length={t.max_length} must exceed task.max_gen_toks={t.max_gen_toks}")
     return list(dict.fromkeys(names))
@@ -129,6 +136,13 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     tm = _task_manager(cfg, harness) if harness else None
     ppl_text = wikitext2_test_text(cfg) if PPL_TASK in names else None
     model, tok = common.load_model(cfg)
+    context_len = model.args.max_position_embeddings
+    for key in ("max_length", "ppl_seqlen") if ppl_text is not None else ("max_length",):
+        if t[key] is not None and t[key] > context_len:
+            raise common.ConfigError(
+                f"task.{key}={t[key]} exceeds the model's context of {context_len} tokens "
+                f"(model.max_position_embeddings); lower task.{key}"
+            )
 
     metrics: dict[str, float] = {}
     table = []

@@ -8,7 +8,8 @@ Writes in the run directory (rank 0 only):
 - metrics.jsonl: per step finetune/{loss, lr, grad_norm, tokens_per_s, peak_memory_gb}; finetune/val_loss at step 0,
   every task.eval_every steps and at the end.
 - checkpoints/step_NNNNNN/: trainable.safetensors + train_state.pt (optimizer, scheduler, per-rank RNG, data
-  position), written to a .tmp directory and renamed; only the newest is kept. Same format for any world size.
+  position, last loss), written to a temporary directory and renamed; the newest task.keep_checkpoints are kept.
+  Same format for any world size.
 - model/: the final native checkpoint (`checkpointer=native checkpointer.path=<run>/model`); for LoRA also
   adapter/ (adapter_model.safetensors + adapter_config.json), and model/ only when task.lora.save_merged.
 
@@ -20,16 +21,18 @@ Knobs (conf/task/finetune.yaml; data in conf/data/, see runner/data.py):
 - max_grad_norm (null: no clipping); bf16: auto (CUDA devices with bf16), true or false; activation_checkpointing
   recomputes each block in backward (less activation memory for about a third more compute); compile
   torch.compiles each block (slow first step, faster after).
-- eval_every, save_every; resume: true (this run directory's newest checkpoint, if any) or a path; stop_after:
-  end this invocation after N steps with a checkpoint (job time limits), resume continues exactly.
-A non-finite loss stops the run before the optimizer step, keeping the last good checkpoint. SIGINT or SIGTERM
-finishes the current step, writes a checkpoint and exits. LoRA dropout masks are drawn per rank, so only dropout 0
-gives world-size-independent losses.
+- eval_every, save_every, keep_checkpoints; resume: true (this run directory's newest checkpoint, if any) or a
+  path; stop_after: end this invocation after N steps with a checkpoint (job time limits), resume continues exactly.
+A non-finite loss stops the run before the optimizer step, keeping the last good checkpoint. SIGINT, SIGTERM or
+SIGHUP finishes the current step, writes a checkpoint and exits. A run directory that already holds checkpoints is
+refused unless task.resume=true (continue) or task.overwrite=true (start over). LoRA dropout masks are drawn per
+rank, so only dropout 0 gives world-size-independent losses.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -57,16 +60,38 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from models.atomic import atomic_path
+from models.atomic import atomic_path, write_text_atomic
 from models.checkpoint import save_native
 from models.llama import Transformer
 from models.lora import apply_lora, merge_lora, save_adapter
 from models.tokenizer import Tokenizer
 from runner import common, data
-from runner.rundir import RunContext
+from runner.knobs import check, integer, number
+from runner.rundir import Interrupted, RunContext
 
 log = logging.getLogger(__name__)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0, as on one device
+
+# Every numeric knob's type and range, checked before anything loads (runner/knobs.py).
+KNOBS = {
+    "max_steps": integer(lo=1),
+    "batch_size": integer(lo=1),
+    "micro_batch_size": integer(lo=1),
+    "max_seq_len": integer(lo=2),
+    "optimizer.lr": number(gt=0),
+    "optimizer.eps": number(gt=0),
+    "optimizer.weight_decay": number(lo=0),
+    "scheduler.warmup_steps": integer(lo=0),
+    "scheduler.min_lr_ratio": number(lo=0, hi=1),
+    "max_grad_norm": number(gt=0, null=True),
+    "lora.rank": integer(lo=1),
+    "lora.alpha": number(gt=0),
+    "lora.dropout": number(lo=0, lt=1),
+    "eval_every": integer(lo=1, null=True),
+    "save_every": integer(lo=1, null=True),
+    "keep_checkpoints": integer(lo=1),
+    "stop_after": integer(lo=1, null=True),
+}
 
 
 def warmup_cosine(optimizer, max_steps: int, warmup_steps: int, min_lr_ratio: float) -> LambdaLR:
@@ -89,6 +114,12 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         raise common.ConfigError("finetune trains float weights: use quantizer=none, then task=quantize on <run>/model")
     if t.bf16 not in (True, False, "auto"):
         raise common.ConfigError(f"task.bf16={t.bf16!r} is not valid; use auto, true or false")
+    check(t, "task", KNOBS)
+    check(cfg.data, "data", {"val_size": integer(lo=1)})
+    if not isinstance(t.overwrite, bool):
+        raise common.ConfigError(f"task.overwrite={t.overwrite!r} is not valid: use true or false")
+    if t.resume is not True and t.resume is not False and not isinstance(t.resume, str):
+        raise common.ConfigError(f"task.resume={t.resume!r} is not valid: use true, false or a checkpoint PATH")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     dev = ctx.device
     if world > 1:
@@ -163,8 +194,17 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     mb = t.micro_batch_size
     # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
     out = Path(_broadcast(str(ctx.run_dir), world))
+    resume = _resume_dir(t.resume, out)
+    if resume is None or out.resolve() not in resume.resolve().parents:  # not continuing this directory's run
+        _claim_run_dir(out, t.overwrite, rank)
 
     model, tok = _trainable_model(cfg)
+    context_len = model.args.max_position_embeddings
+    if t.max_seq_len > context_len:
+        raise common.ConfigError(
+            f"task.max_seq_len={t.max_seq_len} exceeds the model's context of {context_len} tokens "
+            "(model.max_position_embeddings); lower task.max_seq_len"
+        )
     dev = next(model.parameters()).device
     train, val = data.load_examples(cfg, tok)
     _wrap_blocks(model, t.activation_checkpointing, t.compile, world)
@@ -174,8 +214,11 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     scheduler = instantiate(t.scheduler)(optimizer, max_steps=t.max_steps)
     amp = t.bf16 is True or (t.bf16 == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
 
-    resume = _resume_dir(t.resume, out)
-    step, position = (0, 0) if resume is None else _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
+    step, position, loss = (0, 0, math.nan)
+    if resume is not None:
+        step, position, loss = _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
+        if rank == 0:
+            _drop_rows_after(out / "metrics.jsonl", step)  # logged after that checkpoint, before the interruption
     end = t.max_steps if t.stop_after is None else min(t.max_steps, step + t.stop_after)
     sampler = data.Sampler(len(train), cfg.seed)
     evaluate = functools.partial(_val_loss, model, val, mb, tok.pad_id, dev, amp, rank, world)
@@ -185,9 +228,10 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
         val_loss = evaluate()
         log_rank0({"finetune/val_loss": val_loss}, 0)
 
-    loss, tokens_seen, train_time, saved = math.nan, 0, 0.0, None
+    tokens_seen, train_time, saved = 0, 0.0, None
+    # The bar is closed on any exit, so an error line starts on a line of its own.
     bar = tqdm(total=t.max_steps, initial=step, desc="finetune", disable=rank != 0)
-    with _Interrupt() as interrupt:
+    with bar, _Interrupt() as interrupt:
         while step < end:
             t0 = time.perf_counter()
             idx = sampler.take(position, t.batch_size)
@@ -222,12 +266,12 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{n_tokens / dt:.0f}")
             stopping = reduced[1].item() > 0
             if stopping or step == end or (t.save_every is not None and step % t.save_every == 0):
-                saved = _save_checkpoint(out, step, position, model, optimizer, scheduler, rank, world)
+                state = {"step": step, "position": position, "loss": loss}
+                saved = _save_checkpoint(out, state, model, optimizer, scheduler, rank, world, t.keep_checkpoints)
             if stopping:
-                raise KeyboardInterrupt(
-                    f"interrupted at step {step}; checkpoint {saved} (continue: task.resume={saved})"
+                raise Interrupted(
+                    interrupt.signal, f"stopped after step {step}; checkpoint {saved} (continue: task.resume=true)"
                 )
-    bar.close()
 
     if val_loss is None:  # resumed with no steps left
         val_loss = evaluate()
@@ -277,8 +321,9 @@ def _clip_grads(params, max_norm: float | None) -> float:
     return norm.item()
 
 
-def _save_checkpoint(out: Path, step, position, model, optimizer, scheduler, rank, world) -> Path:
-    """Gather the training state to rank 0 and write it atomically; returns the checkpoint directory."""
+def _save_checkpoint(out: Path, state: dict, model, optimizer, scheduler, rank, world, keep: int) -> Path:
+    """Gather the training state to rank 0 and write it atomically, then keep the newest `keep` checkpoints up to
+    this one (a newer step is never deleted); returns the checkpoint directory. `state`: step, position, loss."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights = get_model_state_dict(model, options=options)
     optim = get_optimizer_state_dict(model, optimizer, options=FULL)
@@ -289,15 +334,18 @@ def _save_checkpoint(out: Path, step, position, model, optimizer, scheduler, ran
     if world > 1:
         rngs = [None] * world
         dist.all_gather_object(rngs, rng)
+    step = state["step"]
     final = out / "checkpoints" / f"step_{step:06d}"
     if rank == 0:
         with atomic_path(final, directory=True) as tmp:  # a rename: resume never sees a half-written checkpoint
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-            state = {"step": step, "position": position, "world_size": world, "optimizer": optim, "rng": rngs}
+            state = {**state, "world_size": world, "optimizer": optim, "rng": rngs}
             torch.save({**state, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
-        for old in final.parent.iterdir():
-            if old != final:
-                shutil.rmtree(old)
+        older = sorted((s, p) for s, p in _checkpoints(final.parent) if s < step)
+        for _, old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old)
+        for leftover in final.parent.glob("step_*.tmp"):  # a crashed write's (the run-dir lock excludes live ones)
+            shutil.rmtree(leftover, ignore_errors=True)
     if world > 1:
         dist.barrier()
     return final
@@ -309,16 +357,58 @@ def _resume_dir(resume, out: Path) -> Path | None:
     root = out if resume is True else Path(resume).expanduser()
     if (root / "train_state.pt").is_file():
         return root
-    found = [p for p in (root / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")]
+    found = _checkpoints(root / "checkpoints")
     if not found:
         if resume is True:
             log.info("task.resume=true: no checkpoint in %s yet, starting from step 0", root)
             return None
         raise common.ConfigError(f"task.resume={resume}: no train_state.pt there or under its checkpoints/")
-    return max(found, key=lambda p: int(p.name.removeprefix("step_")))
+    return max(found)[1]
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tuple[int, int]:
+def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under `directory` (step_NNNNNN; atomic writes' temporaries skipped)."""
+    if not directory.is_dir():
+        return []
+    return [(int(p.name[5:]), p) for p in directory.glob("step_*") if p.name[5:].isdigit() and p.is_dir()]
+
+
+def _claim_run_dir(out: Path, overwrite: bool, rank: int) -> None:
+    """A fresh run (no resume) in `out`: refuse when earlier training left checkpoints there, unless
+    task.overwrite=true, which deletes them and the earlier run's step rows and final model."""
+    found = sorted(_checkpoints(out / "checkpoints"))
+    if not found:
+        return
+    if not overwrite:
+        raise common.ConfigError(
+            f"{out} already holds checkpoints up to {found[-1][1].name}; continue that run with task.resume=true, "
+            "start over with task.overwrite=true (deletes them), or pick another hydra.run.dir"
+        )
+    if rank == 0:
+        log.warning("task.overwrite=true: deleting %s's checkpoints, model and step rows", out)
+        for name in ("checkpoints", "model", "adapter"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl rows up to `step` (the resumed checkpoint's): later ones are logged again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a row cut by the kill (or a blank line): dropped
+        return math.inf
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tuple[int, int, float]:
     weights = load_file(str(ckpt / "trainable.safetensors"))
     state = torch.load(ckpt / "train_state.pt", weights_only=True)  # tensors and plain containers only
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -335,7 +425,8 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tu
     else:
         log.warning("resuming on %d ranks from %d: random streams (dropout) restart", world, state["world_size"])
     log.info("resumed from %s at step %d", ckpt, state["step"])
-    return state["step"], state["position"]
+    # Checkpoints written before the loss was saved in them give NaN, as a resume with no steps left did then.
+    return state["step"], state["position"], state.get("loss", math.nan)
 
 
 def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
@@ -360,16 +451,17 @@ def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
 
 
 class _Interrupt:
-    """SIGINT/SIGTERM only set `signal`, which the loop checks after each step; a second signal stops at once."""
+    """SIGINT/SIGTERM/SIGHUP only set `signal`, which the loop checks after each step; a second signal stops at once."""
 
     def __enter__(self):
         self.signal = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def _handle(self, signum, frame):
         if self.signal is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+            raise Interrupted(signum, "a second signal stopped it during a step; resume from the last checkpoint")
         self.signal = signum
 
     def __exit__(self, *exc):

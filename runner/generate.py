@@ -46,22 +46,29 @@ from models.generate import generate
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
 from runner import common
+from runner.knobs import check, integer, number, string_list
 from runner.rundir import RunContext
 
 log = logging.getLogger(__name__)
 
 
-def _check_knobs(t: DictConfig) -> None:
-    if t.max_new_tokens < 1:
-        raise common.ConfigError(f"task.max_new_tokens={t.max_new_tokens} is out of range; use an integer >= 1")
-    if t.temperature < 0:
-        raise common.ConfigError(f"task.temperature={t.temperature} is out of range; use 0 (greedy) or more")
-    if not 0 < t.top_p <= 1:
-        raise common.ConfigError(f"task.top_p={t.top_p} is out of range; use a value in (0, 1] (1 = off)")
-    if t.top_k is not None and t.top_k < 1:
-        raise common.ConfigError(f"task.top_k={t.top_k} is out of range; use an integer >= 1, or null for off")
-    if any(not s for s in t.stop):
+# Every numeric knob's type and range, checked before anything loads (runner/knobs.py).
+KNOBS = {
+    "max_new_tokens": integer(lo=1),
+    "temperature": number(lo=0),  # 0 = greedy
+    "top_k": integer(lo=1, null=True),
+    "top_p": number(gt=0, hi=1),  # 1 = off
+    "seed": integer(lo=0),
+}
+
+
+def _check_knobs(t: DictConfig) -> list[str]:
+    """The checked knobs' stop strings (a single string is one stop string, not its characters)."""
+    check(t, "task", KNOBS)
+    stop = string_list(t, "task", "stop")
+    if any(not s for s in stop):
         raise common.ConfigError("task.stop contains an empty string; list non-empty stop strings")
+    return stop
 
 
 def _read_prompts(t: DictConfig) -> list[str]:
@@ -73,7 +80,7 @@ def _read_prompts(t: DictConfig) -> list[str]:
     if not path.is_file():
         raise common.ConfigError(f"task.prompts_file={path} not found; give a jsonl file, one prompt a line")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(common.read_text(path, "task.prompts_file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -134,7 +141,7 @@ def _peak_memory(dev: torch.device) -> int:
 
 def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     t = cfg.task
-    _check_knobs(t)
+    stop = _check_knobs(t)
     texts = _read_prompts(t)
     dev = ctx.device
     if dev.type == "cuda":
@@ -170,7 +177,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         top_k=t.top_k,
         top_p=t.top_p,
         stop_ids=tok.stop_ids,
-        stop_strings=list(t.stop),
+        stop_strings=stop,
         generator=generator,
         compile=t.compile,
         on_text=_Printer() if stream else None,

@@ -11,6 +11,10 @@ summary and finishes the run in `finally`, so a failed job still closes its W&B 
 Knobs (conf/logger/wandb.yaml): `project`, `entity`, `group` (null: the sweep directory's name in a multirun),
 `mode` (null: online when an API key is configured and the server answers, else offline; $WANDB_MODE sets it too),
 `tags`, `init_timeout` (seconds wandb.init may wait on the server in online mode).
+
+W&B never fails a stage: when the online init fails for any reason (a server that accepts the connection but does
+not answer gives up after `init_timeout`), the run is logged offline instead, with one warning; when even that
+fails, the stage runs without a logger (metrics.json and metrics.jsonl are written either way).
 """
 
 from __future__ import annotations
@@ -50,19 +54,27 @@ class WandbLogger:
 
         lc = cfg.logger
         self.mode = lc.mode if lc.mode is not None else _auto_mode(wandb.setup().settings)
-        self.run = wandb.init(
+        init = dict(
             project=lc.project,
             entity=lc.entity,
             group=lc.group if lc.group is not None else group,
             job_type=cfg.task.name,
             name=job_name,
             dir=str(run_dir),
-            mode=self.mode,
             tags=list(lc.tags),
             config=OmegaConf.to_container(cfg, resolve=True),
             # silent: wandb's own banner lines would interleave with the stage's output in every job of a sweep.
+            # init_timeout bounds how long the online init waits on a server that does not answer.
             settings=wandb.Settings(init_timeout=lc.init_timeout, silent=True),
         )
+        try:
+            self.run = wandb.init(mode=self.mode, **init)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the server (CommError, timeouts, auth)
+            if self.mode in ("offline", "disabled"):
+                raise
+            log.warning("wandb: online init failed (%s); logging offline instead", str(e).splitlines()[0])
+            self.mode = "offline"
+            self.run = wandb.init(mode=self.mode, **init)
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
@@ -107,5 +119,8 @@ def _netrc_has(host: str) -> bool:
 def build_logger(cfg: DictConfig, run_dir: Path, group: str | None, job_name: str):
     # Under torchrun every rank runs the job; only rank 0 (RANK, set by torchrun) owns its one W&B run.
     if cfg.logger.name == "wandb" and os.environ.get("RANK", "0") == "0":
-        return WandbLogger(cfg, run_dir, group, job_name)
+        try:
+            return WandbLogger(cfg, run_dir, group, job_name)
+        except Exception as e:  # noqa: BLE001 - W&B never fails the stage (module docstring)
+            log.warning("wandb: could not start a run (%s); continuing without a logger", str(e).splitlines()[0])
     return NoOpLogger()

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
-from runner.common import ConfigError, data_path
+from runner.common import ConfigError, data_path, read_text
 
 WIKITEXT2_TEST = "wikitext2/wiki.test.raw"
 
@@ -18,7 +18,7 @@ def wikitext2_test_text(cfg: DictConfig) -> str:
     The local file is rebuilt from the HF rows minus the blank ones (see shared/data/PROVENANCE.md), so each line
     gets back its trailing newline, as HF rows carry it; the dropped blank rows cannot be restored.
     """
-    lines = data_path(cfg, WIKITEXT2_TEST).read_text(encoding="utf-8").splitlines()
+    lines = read_text(data_path(cfg, WIKITEXT2_TEST)).splitlines()
     return "\n\n".join(line + "\n" for line in lines)
 
 

@@ -51,10 +51,15 @@ from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
 from runner.calibration import calibration_windows, corpus_path
+from runner.knobs import check, integer
 from runner.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_test_text
 from runner.rundir import RunContext
 
 log = logging.getLogger(__name__)
+
+# Every numeric knob's type and range, checked before anything loads (runner/knobs.py); the quantizer's own knobs
+# are checked by its record (quant/scheme.py).
+KNOBS = {"ppl_seqlen": integer(lo=2), "ppl_windows": integer(lo=1, null=True), "ppl_batch_size": integer(lo=1)}
 
 
 def _sha256(data: bytes) -> str:
@@ -62,15 +67,16 @@ def _sha256(data: bytes) -> str:
 
 
 def _model_key(cfg: DictConfig) -> dict:
-    """What identifies the float model's weights (`common.resolve`) without hashing them: the stat of every file
-    under checkpointer.path, the pinned sha256 of model.source, or the random-init arguments and seed."""
-    weights = common.resolve(cfg)
-    if weights.path is not None:
-        root = weights.path.resolve()
+    """What identifies the float model's weights without hashing them: the files actually read (checkpointer.path,
+    or model.source as fetched into the cache; `common.checkpoint_path`), each by path, size and mtime, so a model
+    replaced at the same path or source gets a new key even with model.sha256 null; or the random-init arguments
+    and seed."""
+    root = common.checkpoint_path(cfg)
+    if root is not None:
+        root = root.resolve()
         files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file())
-        return {"path": str(root), "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-    if weights.source is not None:
-        return {"source": weights.source, "sha256": cfg.model.sha256}
+        stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return {"path": str(root), "source": cfg.model.source, "sha256": cfg.model.sha256, "files": stats}
     return {"args": OmegaConf.to_container(cfg.model.args, resolve=True), "seed": cfg.seed}
 
 
@@ -132,11 +138,7 @@ def _check_inputs(cfg: DictConfig) -> dict:
     if q.name == "none":
         schemes = ", ".join(f"quantizer={name}" for name in QUANTIZERS if name != "none")
         raise common.ConfigError(f"task=quantize needs a quantizer: add one of {schemes}")
-    w = cfg.task.ppl_windows
-    if cfg.task.ppl and w is not None and w < 1:
-        raise common.ConfigError(
-            f"task.ppl_windows={w}: use a positive count or null (all windows); task.ppl=false skips the check"
-        )
+    check(cfg.task, "task", KNOBS)
     try:
         record = describe(OmegaConf.to_container(q, resolve=True))
     except ValueError as e:
@@ -152,6 +154,19 @@ def _check_inputs(cfg: DictConfig) -> dict:
     return record
 
 
+def _check_context(cfg: DictConfig, record: dict, context_len: int) -> None:
+    """Windows longer than the model's context would run on positions it was never trained for: refused."""
+    lengths = {"quantizer.seqlen": record.get("seqlen") if quantizer(record).needs_calibration else None}
+    if cfg.task.ppl:
+        lengths["task.ppl_seqlen"] = cfg.task.ppl_seqlen
+    for key, n in lengths.items():
+        if n is not None and n > context_len:
+            raise common.ConfigError(
+                f"{key}={n} exceeds the model's context of {context_len} tokens (model.max_position_embeddings); "
+                f"lower {key}"
+            )
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     record = _check_inputs(cfg)
     model, tok = common.load_model(cfg, apply_quantizer=False)
@@ -159,6 +174,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         raise common.ConfigError(
             f"{cfg.checkpointer.path} is already quantized; task=quantize needs a float checkpoint (set checkpointer.path)"
         )
+    _check_context(cfg, record, model.args.max_position_embeddings)
     metrics: dict[str, float] = {"quantize/float_bytes": float(_tensor_bytes(model))}
 
     # Calibration first: a problem with its data stops the run before the float model is scored.

@@ -490,6 +490,9 @@ def test_truncated_file_names_file_and_tensor(tiny_file, tmp_path):
     cut.write_bytes(b"GGML" + data[4:])
     with pytest.raises(ValueError, match=r"cut\.gguf"):
         load_gguf(cut)
+    cut.write_bytes(b"")  # issue 16: an empty file raised numpy's "cannot mmap an empty file", naming no file
+    with pytest.raises(ValueError, match=r"cut\.gguf: empty file"):
+        load_gguf(cut)
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,9 @@ def test_read_records_array_and_jsonl(tmp_path):
     (tmp_path / "bad").write_text("{nope")
     with pytest.raises(ConfigError, match="bad"):
         data.read_records(tmp_path / "bad")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"a": "caf\xe9"}\n')  # issue 16: UnicodeDecodeError, no file name
+    with pytest.raises(ConfigError, match=r"latin1\.jsonl \(data\.path\): not UTF-8"):
+        data.read_records(tmp_path / "latin1.jsonl")
 
 
 def test_blocks_make_every_token_a_target_once():

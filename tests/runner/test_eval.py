@@ -163,9 +163,11 @@ def test_quantized_native_checkpoint(compose, tmp_path):
             "unknown task 'no_such_task'; local tasks: wikitext2_ppl, arc_challenge",
             marks=pytest.mark.slow,  # indexing lm-eval's whole registry first takes tens of seconds
         ),
-        ("task.limit=0", "task.limit=0 must be > 0"),
-        ("task.limit=-3", "task.limit=-3 must be > 0"),
+        ("task.limit=0", "task.limit=0 is not valid: use a number > 0, or null"),
+        ("task.limit=-3", "task.limit=-3 is not valid: use a number > 0, or null"),
         ("task.tasks=[]", "task.tasks is empty"),
+        ("task.max_length=512", "task.max_length=512 exceeds the model's context of 256 tokens"),
+        ("task.ppl_seqlen=300", "task.ppl_seqlen=300 exceeds the model's context of 256 tokens"),
         ("quantizer=gptq", "quantizer=gptq needs calibration, which only task=quantize runs"),
     ],
 )
@@ -200,7 +202,7 @@ def test_cli_bad_input_is_one_line(tmp_path, data_dir):
         tmp_path,
     )
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("error: task.limit=0 must be > 0")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: task.limit=0 is not valid: use a number > 0")
 
 
 # --- SmolLM2 against lm-eval's HF backend -----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """task=finetune on the tiny model: outputs, exact resume, LoRA, NaN and signal handling, FSDP2 parity."""
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from runner import common, finetune
 from runner.common import ConfigError
+from runner.rundir import run_stage
 
 
 def _data(tmp_path, n=24, same=False):
@@ -140,6 +142,76 @@ def test_sigterm_writes_a_checkpoint_then_exits(compose, tmp_path, monkeypatch):
         run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=4", "task.save_every=null"))
     assert signal.getsignal(signal.SIGTERM) == before
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == ["step_000001"]
+
+
+# --- issue 16: no lost training, no repeated rows --------------------------------------------------------------------
+def test_rerun_into_a_run_with_checkpoints_refuses_unless_resume_or_overwrite(compose, tmp_path):
+    # Before: the second run started at step 0, its first save deleted step_000002, and both runs' rows shared
+    # one metrics.jsonl, with exit 0.
+    run_in_process(finetune, _cfg(compose, tmp_path))
+    run = tmp_path / "run"
+    rows = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"checkpoints up to step_000002.*task\.resume=true.*task\.overwrite=true"):
+        run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=1"))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
+    assert (run / "metrics.jsonl").read_text() == rows
+    run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=1", "task.overwrite=true"))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+    assert [r["step"] for r in _rows(run)] == [0, 1]
+    # Continuing another directory's checkpoint here would mix two runs just the same.
+    run_in_process(finetune, _cfg(compose, tmp_path, run="other"))
+    other = f"task.resume={tmp_path / 'other' / 'checkpoints' / 'step_000002'}"
+    with pytest.raises(ConfigError, match="task.overwrite=true"):
+        run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=3", other))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+
+
+def test_keep_checkpoints_keeps_the_newest_and_never_a_newer_step(compose, tmp_path):
+    run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=4", "task.keep_checkpoints=2"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=4", "task.keep_checkpoints=4", run="all"))
+    ckpts = tmp_path / "all" / "checkpoints"
+    # Continuing from step 2 of a run that went on to step 4, keeping 1: steps 1 and 2 go, step 4 (newer) stays.
+    over = [f"task.resume={ckpts / 'step_000002'}", "task.stop_after=1", "task.keep_checkpoints=1"]
+    run_in_process(finetune, _cfg(compose, tmp_path, "task.max_steps=4", *over, run="all"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000003", "step_000004"]
+
+
+def test_resume_logs_each_step_once_and_a_finished_run_keeps_its_final_loss(compose, tmp_path):
+    over = ["task.max_steps=4"]
+    run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.stop_after=2"))
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl", "a") as f:  # killed after logging step 3, before its checkpoint
+        f.write(json.dumps({"step": 3, "finetune/loss": 9.0}) + "\n" + '{"step": 4, "finetune/lo')
+    metrics = run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.resume=true"))
+    assert [r["step"] for r in _rows(run)] == [0, 1, 2, 3, 4] and _per_step(run)[3] != 9.0
+    again = run_in_process(finetune, _cfg(compose, tmp_path, *over, "task.resume=true"))  # no steps left
+    assert again["finetune/final_loss"] == metrics["finetune/final_loss"] == _per_step(run)[4]
+    assert [r["step"] for r in _rows(run)] == [0, 1, 2, 3, 4]
+
+
+def test_disk_full_in_a_save_is_one_line_and_recorded(compose, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finetune, "save_file", full)
+    with pytest.raises(SystemExit) as e:
+        run_stage(_cfg(compose, tmp_path), finetune.run)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # the rest is the progress bar
+    run = tmp_path / "run"
+    status = json.loads((run / "status.json").read_text())
+    assert (
+        e.value.code == 1 and "Traceback" not in err and len(errors) == 1 and errors[0].startswith("error: disk full")
+    )
+    assert status["status"] == "failed" and status["error"].startswith("disk full")
+    assert "No space left" in (run / "traceback.txt").read_text()
+    assert not any((run / "checkpoints").iterdir())  # no half-written checkpoint or temporary
+
+
+def test_sequences_past_the_model_context_are_refused(compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"task.max_seq_len=300 exceeds the model's context of 256"):
+        run_in_process(finetune, _cfg(compose, tmp_path, "task.max_seq_len=300"))
 
 
 @pytest.mark.parametrize("knob", ["task.activation_checkpointing=true", "task.bf16=true"])

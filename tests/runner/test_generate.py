@@ -231,6 +231,27 @@ def test_bad_input_is_a_config_error(compose, override, key):
         run_in_process(gen_stage, compose(["task=generate", "debug=smoke", override]))
 
 
+def test_a_prompts_file_that_is_not_utf8_is_named(compose, tmp_path):
+    # issue 16: a bare UnicodeDecodeError, without the file name
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_bytes(b'"caf\xe9"\n')  # latin-1
+    with pytest.raises(common.ConfigError, match=rf"^{bad} \(task.prompts_file\): not UTF-8 text \(byte 0xe9"):
+        run_in_process(gen_stage, compose(["task=generate", "debug=smoke", f"task.prompts_file={bad}"]))
+
+
+def test_a_stop_string_is_passed_whole(compose, monkeypatch):
+    # issue 16: task.stop="Question:" reached the decoder as its characters, stopping at the first Q, u, e, s ...
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["stop"] = kwargs["stop_strings"]
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(gen_stage, "generate", spy)
+    run_in_process(gen_stage, compose(["task=generate", "debug=smoke", "task.stop=Question:", "task.stream=false"]))
+    assert seen["stop"] == ["Question:"]
+
+
 def test_cli_bad_input_fails_with_one_line(tmp_path):
     run = tmp_path / "run"
     r = run_cli(["task=generate", "debug=smoke", "task.top_p=2.0", f"hydra.run.dir={run}"], cwd=tmp_path)

@@ -4,11 +4,13 @@ The offline run folder keeps everything in one record log (run-<id>.wandb: wandb
 wandb_internal_pb2.Record messages); `_records` reads it, so the tests see what `wandb sync` would upload.
 """
 
+import json
 import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,7 +47,6 @@ def _records(run_file: Path) -> list:
 
 def _offline_run(run_dir: Path) -> dict:
     """The one offline W&B run under run_dir, as {run, config, history, summary, exit_code}."""
-    import json
 
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     # run.finish() returns before wandb-core has flushed the file (measured with wandb 0.31: up to ~0.2 s); its
@@ -156,3 +157,46 @@ def test_offline_sweep_leaves_one_run_per_job_grouped_by_sweep(tmp_path, data_di
     assert all(run["run"].job_type == "generate" and run["exit_code"] == 0 for run in runs)
     assert all("generate/decode_tokens_per_s" in run["summary"] for run in runs)
     assert runs[0]["run"].run_id != runs[1]["run"].run_id
+
+
+def test_a_server_that_accepts_but_never_answers_falls_back_to_offline(tmp_path, data_dir):
+    # issue 16: with an API key and a W&B host that accepts the connection but never answers, wandb.init gave up
+    # after its timeout and the job failed. Now the stage runs, logs offline, and ends ok.
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []  # accepted connections, kept open and never answered
+
+    def accept_until_closed():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # the test closed the server
+                return
+
+    accepting = threading.Thread(target=accept_until_closed, daemon=True)
+    accepting.start()
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env.update(
+        PYTHONPATH=str(REPO),
+        NETRC=str(tmp_path / "no-netrc"),
+        WANDB_API_KEY="k" * 40,
+        WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}",
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
+    )
+    run = tmp_path / "run"
+    args = ["task=generate", "debug=smoke", "logger=wandb", "logger.init_timeout=2", f"hydra.run.dir={run}"]
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "runner", *args, f"paths.data_dir={data_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    server.close()
+    accepting.join(timeout=10)
+    for conn in held:
+        conn.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert held, "the runner never connected to the listener"
+    assert json.loads((run / "status.json").read_text())["status"] == "ok"
+    assert _offline_run(run)["exit_code"] == 0  # the metrics went to an offline run, for `wandb sync` later
+    assert time.monotonic() - t0 < 120

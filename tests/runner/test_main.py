@@ -1,6 +1,9 @@
 """`python -m runner` as a user runs it: run directories, status.json, and one-line errors with non-zero exits."""
 
 import json
+import socket
+import subprocess
+import sys
 
 import pytest
 from conftest import run_cli
@@ -58,3 +61,32 @@ def test_bad_input_is_a_clear_error(tmp_path, args, expected):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert expected in r.stderr
+
+
+def test_unwritable_output_root_is_one_line_naming_it(tmp_path):
+    # issue 16: a file (or /proc) as paths.output_root printed 33-42 lines of chained Hydra tracebacks.
+    root = tmp_path / "a_file"
+    root.write_text("")
+    r = run_cli([*SMOKE, f"paths.output_root={root}"], cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot create the output directory {root}/generate/")
+    assert "paths.output_root" in lines[0]
+
+
+def test_a_second_run_in_a_busy_run_directory_changes_nothing(tmp_path):
+    # issue 16: two runs started in one run directory mixed their files (Hydra's .hydra/ included).
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the first run's\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "start": "then"}))
+        r = run_cli([*SMOKE, f"hydra.run.dir={run}"], cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and f"in use by pid {holder.pid}" in lines[0]
+    assert (run / ".hydra" / "config.yaml").read_text() == "the first run's\n"
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock"]

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import run_in_process
+from conftest import make_tiny_hf, run_in_process
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from quant import quantize_model
 from runner import common, quantize
@@ -114,6 +115,29 @@ def test_float_perplexity_is_cached_across_jobs(compose, tmp_path):
         quantize, quantize_cfg("quantizer=int8_wo", "task.save=false", "task.ppl_windows=1", run_name="third")
     )
     assert len(list((tmp_path / "ppl").glob("*.json"))) == 2
+
+
+def test_a_model_replaced_at_the_same_source_is_scored_again(compose, tmp_path):
+    # issue 16: with model.sha256 null (every hf: model config) the cache key was source + sha256 alone, so a model
+    # replaced at the same path got the old model's float perplexity (a quantized model reported 4.5x better).
+    model_dir = make_tiny_hf(tmp_path / "model")
+    over = ["task=quantize", "debug=smoke", "quantizer=int8_wo", "task.save=false", f"model.source={model_dir}"]
+    over += ["model.format=hf", f"paths.cache_dir={tmp_path / 'cache'}"]
+    first = run_in_process(quantize, compose(over))
+    weights = load_file(model_dir / "model.safetensors")
+    save_file(
+        {k: v * 1.5 if k.endswith("proj.weight") else v for k, v in weights.items()}, model_dir / "model.safetensors"
+    )
+    second = run_in_process(quantize, compose(over, run_name="second"))
+    assert second["quantize/ppl_float"] != first["quantize/ppl_float"]
+    assert len(list((tmp_path / "cache" / "ppl").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("override", ["task.ppl_seqlen=512", "quantizer.seqlen=300"])
+def test_windows_past_the_model_context_are_refused(quantize_cfg, override):
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError, match=rf"^{key}={value} exceeds the model's context of 256 tokens"):
+        run_in_process(quantize, quantize_cfg("quantizer=gptq", *GPTQ_SMALL, override))
 
 
 def test_save_false_and_ppl_false_write_and_report_only_what_is_asked(quantize_cfg):
