@@ -157,6 +157,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
             fewshot_random_seed=t.seed,
         )
         _write(results, ctx.run_dir)
+        ctx.add_artifact("results", ctx.run_dir / "results.json")
+        for samples in sorted(ctx.run_dir.glob("samples_*.jsonl")):
+            ctx.add_artifact("samples", samples)
         metrics.update(_metrics(results))
         table.append(make_table(results))
         if results.get("groups"):
@@ -167,7 +170,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         metrics[f"eval/{PPL_TASK}/windows"] = float(windows)
         table.append(
             f"|    Tasks    |Metric| Value |Windows x tokens|\n|-------------|------|------:|---------------:|\n"
-            f"|{PPL_TASK}|ppl   |{ppl:.6g}|{windows} x {t.ppl_seqlen}|\n"
+            f"|{PPL_TASK}|ppl   |{ppl:.4g}|{windows} x {t.ppl_seqlen}|\n"
         )
     print("\n".join(table))
     return metrics

@@ -7,6 +7,8 @@ alone writes what every run leaves there:
 - metrics.jsonl, the step stream: one row per `ctx.log_metrics(metrics, step)` call (finetune's steps). A stage
   that logs no step (quantize, eval, generate) gets its final metrics as its one row, step 0;
 - traceback.txt when the stage fails.
+On success it prints the run's closing block: status, headline metric(s) (with the float model's value where the
+stage measured one), run directory, the files the stage recorded with `ctx.add_artifact`, and the next command.
 Under torchrun only rank 0 writes the run's files.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -32,6 +35,9 @@ from omegaconf import DictConfig
 from models.atomic import write_text_atomic
 from runner.common import ConfigError, device
 from runner.logging import NoOpLogger, WandbLogger, build_logger
+from runner.stages import STAGES, baseline
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class RunContext:
     device: torch.device  # the `device` setting resolved (finetune picks cuda:LOCAL_RANK itself)
     logger: NoOpLogger | WandbLogger = field(default_factory=NoOpLogger)
     steps_logged: int = 0
+    artifacts: list[tuple[str, Path]] = field(default_factory=list)  # (kind, path) from add_artifact
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Append one step of metrics to metrics.jsonl and forward it to the logger (wandb or none)."""
@@ -50,6 +57,12 @@ class RunContext:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.logger.log(metrics, step)
         self.steps_logged += 1
+        log.debug("step %d: %s", step, ", ".join(f"{k} {format_value(v)}" for k, v in metrics.items()))
+
+    def add_artifact(self, kind: str, path: Path) -> None:
+        """Record a file or directory the stage wrote: kind `model` (a native checkpoint directory), `adapter`,
+        `results` or `samples`. The closing block lists it (a model gets its next commands); W&B logs it."""
+        self.artifacts.append((kind, Path(path)))
 
 
 def run_dir() -> Path:
@@ -84,6 +97,41 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip() if r.returncode == 0 else None
+
+
+def format_value(v: float) -> str:
+    """A metric for people: integers with thousands separators, other values to 4 significant digits."""
+    if float(v).is_integer() and abs(v) < 1e15:
+        return f"{int(v):,}"
+    if 1e4 <= abs(v) < 1e15:  # 12,345 rather than 1.234e+04
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+def _print_closing(task: str, metrics: dict, out: Path, artifacts: list[tuple[str, Path]], seconds: float) -> None:
+    """The block a successful run ends with, on the console (stdout) and in run.log (DEBUG)."""
+    stage = STAGES[task]
+    keys = [k for k in (stage.headline, *stage.shown) if k in metrics]
+    if stage.headline not in metrics:  # e.g. eval without wikitext2_ppl: every metric the run has
+        keys = [k for k in metrics if k not in keys] + keys
+    width = max([len(k) for k in keys] + [len("run directory")])
+    lines = [f"== {task}: ok in {seconds:.1f} s =="]
+    for k in keys:
+        line = f"  {k:<{width}}  {format_value(metrics[k])}"
+        if baseline(k) in metrics:
+            line += f"  (float model: {format_value(metrics[baseline(k)])})"
+        lines.append(line)
+    lines.append(f"  {'run directory':<{width}}  {out}")
+    for kind, path in artifacts:
+        lines.append(f"  {kind:<{width}}  {path}")
+    models = [path for kind, path in artifacts if kind == "model"]
+    if models:
+        lines.append("  next:")
+        for next_task in ("generate", "eval"):
+            lines.append(f"    lmrunner task={next_task} checkpointer=native checkpointer.path={models[0]}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    log.debug("closing block:\n%s", text)
 
 
 def run_stage(cfg: DictConfig, stage_run) -> dict:
@@ -128,6 +176,8 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
             _write_json(out / "metrics.json", metrics)
         logger.summary(metrics)
         failed = False
+        if rank == 0:
+            _print_closing(cfg.task.name, metrics, out, ctx.artifacts, time.time() - start)
         return metrics
     except (KeyboardInterrupt, Exception) as e:  # noqa: B902 - record every failure, then report it below
         error = e
