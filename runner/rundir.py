@@ -175,6 +175,7 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
                 ctx.log_metrics(metrics, step=0)
             _write_json(out / "metrics.json", metrics)
         logger.summary(metrics)
+        logger.artifacts(ctx.artifacts)
         failed = False
         if rank == 0:
             _print_closing(cfg.task.name, metrics, out, ctx.artifacts, time.time() - start)
