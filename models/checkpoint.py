@@ -64,6 +64,19 @@ def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
     return _read_safetensors(single)
 
 
+def detect_format(path: Path) -> str | None:
+    """The format `path` holds, from its contents (never its name): gguf (the file's magic), native (a directory
+    with model_args.json), hf (a directory with config.json); None when it is none of them."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            return "gguf" if f.read(4) == b"GGUF" else None
+    if (path / "model_args.json").is_file():
+        return "native"
+    if (path / "config.json").is_file():
+        return "hf"
+    return None
+
+
 def load_checkpoint(kind: str, path: str | Path):
     """Return (ModelArgs, state_dict, Tokenizer | None, quantizer: dict) for a checkpoint of format `kind`."""
     path = Path(path)
@@ -71,6 +84,9 @@ def load_checkpoint(kind: str, path: str | Path):
         raise ValueError(f"checkpointer.name={kind!r} is unknown; valid: {', '.join(FORMATS)}")
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found; set checkpointer.path to an existing {kind} checkpoint")
+    found = detect_format(path)
+    if found is not None and found != kind:
+        raise ValueError(f"{path} is a {found} checkpoint, not {kind}; load it with checkpointer={found}")
     if kind == "gguf":
         from models.gguf import load_gguf  # the gguf library is only needed for this format
 

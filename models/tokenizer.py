@@ -2,11 +2,15 @@
 
 On disk it uses the HF layout (`tokenizer.json` + `tokenizer_config.json`), so an HF model directory and a
 directory this project writes load the same way. GGUF vocabularies are converted to this in `models/gguf.py`.
-Chat templates are rendered with jinja2, as HF does, so an instruct model's template works unchanged.
+Chat templates are rendered with jinja2 in the environment transformers' `apply_chat_template` gives them (same
+whitespace rules, `tojson` without HTML escaping or key sorting, `strftime_now`, `raise_exception`, `tools` and
+`documents`), so the text we train and generate on is the text HF or vLLM would serve; tests hold it to
+transformers for the default model's template and Llama 3, Qwen 2.5 and Mistral-style ones.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from functools import cached_property
 from pathlib import Path
@@ -61,18 +65,40 @@ class Tokenizer:
         def raise_exception(message):
             raise ValueError(f"chat template: {message}")
 
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # jinja2's own tojson escapes <, >, & and ' for HTML and sorts keys: tool schemas would then read
+            # differently from what the model was trained on (and from what transformers renders).
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt: str) -> str:  # Llama 3.1+ templates date their system prompt with it
+            return dt.datetime.now().strftime(fmt)
+
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
         return env.from_string(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) with the model's jinja2 chat template."""
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        **kwargs,
+    ) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}], tool calls and tool results included) with the
+        model's jinja2 chat template. `tools` are JSON schemas (dicts), `documents` dicts for RAG templates; other
+        keyword arguments reach the template as variables, as in transformers."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template: set task.chat=false, or use an instruct model")
         return self._template.render(
             messages=messages,
+            tools=tools,
+            documents=documents,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.token(self.bos_id) or "",
             eos_token=self.token(self.eos_id) or "",
+            **kwargs,
         )
 
     # --- files -------------------------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def _quantize_group(block: nn.Module, index: int, names, hessians, solver: _Solv
         for name, linear, res in zip(
             group, linears, solver.solve([m.weight.to(dt) for m in linears], H, **solver.knobs), strict=True
         ):
-            log.info("block %d %s: loss %.4g, output SQNR %.1f dB", index, name, res.loss, res.sqnr_db)
+            log.debug("block %d %s: loss %.4g, output SQNR %.1f dB", index, name, res.loss, res.sqnr_db)
             if not res.sqnr_db >= _MIN_SQNR_DB:  # also catches NaN
                 raise RuntimeError(
                     f"GPTQ self-check: block {index} {name} output SQNR {res.sqnr_db:.1f} dB < {_MIN_SQNR_DB} dB"

@@ -4,7 +4,7 @@ the check that the output directory can be made before Hydra writes into it.
     python -m runner -m task=quantize quantizer=gptq quantizer.groupsize=32,64,128 quantizer.percdamp=0.01,0.1
 
 `SweepSummary.on_multirun_end` writes `summary.csv`, `summary.md` and `summary.png` into the sweep directory
-(see runner/compare.py), prints the table, prints how to upload offline W&B runs, and ends the process with exit
+(see runner/compare.py), logs them to the sweep's W&B group with logger=wandb, prints the table, prints how to upload offline W&B runs, and ends the process with exit
 code 1 when any job did not finish ok.
 
 Why this works when jobs fail: `runner.rundir.run_stage` records a failed job in its status.json and returns
@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from runner import compare
+from runner.logging import log_sweep_summary
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class SweepSummary(Callback):
             log.error("no sweep summary: %s", e)
             raise SystemExit(1) from None
         log.info("sweep summary (%s):\n%s", sweep / "summary.md", (sweep / "summary.md").read_text())
+        if config.logger.name == "wandb":
+            log_sweep_summary(config, sweep, [sweep / f for f in compare.FILES if (sweep / f).is_file()])
         offline = {_sync_pattern(p, sweep) for p in sweep.rglob("offline-run-*") if p.parent.name == "wandb"}
         if offline:
             log.info("upload the offline W&B runs with: wandb sync %s", " ".join(sorted(offline)))

@@ -31,7 +31,9 @@ eval/wikitext/word_perplexity, eval/lambada_openai/perplexity; a metric under a 
 Knobs (conf/task/eval.yaml): `tasks`; `limit` (documents per lm-eval task: fast, but a prefix of the split, not a
 random sample); `num_fewshot`; `batch_size` (rows per forward: larger is faster until memory runs out); `max_length`
 (shorter rolling windows for long-context models: faster, slightly worse wikitext scores); `max_gen_toks`; `seed`;
-`bootstrap_iters`; `log_samples`; `ppl_seqlen`, `ppl_windows`, `ppl_batch_size`.
+`bootstrap_iters`; `log_samples`; `ppl_seqlen`, `ppl_windows`, `ppl_batch_size`; `apply_chat_template` and
+`fewshot_as_multiturn` as lm-eval's CLI has them (instruct models: scores then depend on the template, as in
+lm-eval's HF runs with the same flags; wikitext2_ppl never uses the template).
 Bad input (unknown task, missing data file, limit <= 0, ...) stops with one line naming the key or file.
 """
 
@@ -77,6 +79,10 @@ def _check_knobs(t: DictConfig) -> list[str]:
     check(t, "task", KNOBS)
     if t.max_length is not None and t.max_length <= t.max_gen_toks:
         raise common.ConfigError(f"task.max_length={t.max_length} must exceed task.max_gen_toks={t.max_gen_toks}")
+    if t.fewshot_as_multiturn and not t.apply_chat_template:
+        raise common.ConfigError(
+            "task.fewshot_as_multiturn=true needs task.apply_chat_template=true (turns exist only in a chat template)"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -143,6 +149,12 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
                 f"task.{key}={t[key]} exceeds the model's context of {context_len} tokens "
                 f"(model.max_position_embeddings); lower task.{key}"
             )
+    if t.apply_chat_template and not tok.chat_template:
+        raise common.ConfigError(
+            f"task.apply_chat_template=true: the tokenizer of {cfg.model.name} has no chat template; "
+            "set task.apply_chat_template=false or use an instruct model"
+        )
+    multiturn = t.apply_chat_template if t.fewshot_as_multiturn is None else t.fewshot_as_multiturn
 
     metrics: dict[str, float] = {}
     table = []
@@ -165,12 +177,17 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
             device=str(ctx.device),
             bootstrap_iters=t.bootstrap_iters,
             log_samples=t.log_samples,
+            apply_chat_template=t.apply_chat_template,
+            fewshot_as_multiturn=multiturn,
             random_seed=t.seed,
             numpy_random_seed=t.seed,
             torch_random_seed=t.seed,
             fewshot_random_seed=t.seed,
         )
         _write(results, ctx.run_dir)
+        ctx.add_artifact("results", ctx.run_dir / "results.json")
+        for samples in sorted(ctx.run_dir.glob("samples_*.jsonl")):
+            ctx.add_artifact("samples", samples)
         metrics.update(_metrics(results))
         table.append(make_table(results))
         if results.get("groups"):
@@ -181,7 +198,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         metrics[f"eval/{PPL_TASK}/windows"] = float(windows)
         table.append(
             f"|    Tasks    |Metric| Value |Windows x tokens|\n|-------------|------|------:|---------------:|\n"
-            f"|{PPL_TASK}|ppl   |{ppl:.6g}|{windows} x {t.ppl_seqlen}|\n"
+            f"|{PPL_TASK}|ppl   |{ppl:.4g}|{windows} x {t.ppl_seqlen}|\n"
         )
     print("\n".join(table))
     return metrics

@@ -277,6 +277,9 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
         val_loss = evaluate()
     if step == t.max_steps:
         _export(cfg, out, model, tok, rank)
+        for kind in ("adapter", "model"):  # which of them _export wrote (LoRA: adapter, model if save_merged)
+            if rank == 0 and (out / kind).is_dir():
+                ctx.add_artifact(kind, out / kind)
     return {
         "finetune/final_loss": loss,
         "finetune/val_loss": val_loss,

@@ -194,6 +194,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
             row = {k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}
             f.write(json.dumps({"prompt": x, "completion": r["text"], **row}, ensure_ascii=False) + "\n")
 
+    ctx.add_artifact("samples", ctx.run_dir / "samples.jsonl")
     tm = results[0]["timings"]
     steps, decode_s = tm["decode_steps"], tm["decode_s"]
     decoded = sum(r["completion_tokens"] - 1 for r in results)  # the first token of each row comes from prefill

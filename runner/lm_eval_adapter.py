@@ -29,6 +29,7 @@ once, with as much context as fits) and scores one window per row. `generate_unt
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 
@@ -116,6 +117,19 @@ class LMEvalModel(TemplateLM):
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens)
+
+    # --- chat templates (task.apply_chat_template=true) ------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        """Fingerprints lm-eval's request cache: the model name and the template."""
+        digest = hashlib.sha256((self.tok.chat_template or "").encode()).hexdigest()[:12]
+        return f"{self.info.get('model', 'model')}-{digest}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tok.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
 
     def get_model_info(self) -> dict:
         return self.info

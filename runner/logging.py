@@ -2,7 +2,11 @@
 
 Stage code never branches on which is active: it calls `ctx.log_metrics` (runner/rundir.py), which writes
 `metrics.jsonl` and forwards to the logger built here; `runner.rundir.run_stage` sends the final metrics as the
-summary and finishes the run in `finally`, so a failed job still closes its W&B run (with exit code 1).
+summary and finishes the run in `finally`, so a failed job still closes its W&B run (with exit code 1). The W&B
+summary equals metrics.json (each step row is committed when logged, so none lands after the summary); the stage's
+headline metric (runner/stages.py) gets `define_metric` with its direction (min or max); the files a stage records
+with `ctx.add_artifact` become artifacts (a model directory by file:// reference); a sweep's summary.csv/md/png are
+logged as one more run of the sweep's group (job_type sweep_summary).
 
     python -m runner task=quantize logger=wandb                    # offline unless an API key is configured
     python -m runner -m task=quantize quantizer=int4_wo,int8_wo logger=wandb logger.project=quant
@@ -28,6 +32,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from runner.stages import STAGES
+
 log = logging.getLogger(__name__)
 
 # An unreachable server is usually an unresolvable name or a refused connection, both immediate; a few seconds
@@ -40,6 +46,9 @@ class NoOpLogger:
         pass
 
     def summary(self, metrics: dict) -> None:
+        pass
+
+    def artifacts(self, items: list[tuple[str, Path]]) -> None:
         pass
 
     def finish(self, failed: bool = False) -> None:
@@ -75,12 +84,30 @@ class WandbLogger:
             log.warning("wandb: online init failed (%s); logging offline instead", str(e).splitlines()[0])
             self.mode = "offline"
             self.run = wandb.init(mode=self.mode, **init)
+        stage = STAGES.get(cfg.task.name)
+        if stage is not None:  # the headline's direction, so the UI knows its best (wandb has no other `goal`)
+            self.run.define_metric(stage.headline, summary="max" if stage.maximize else "min")
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        # commit: each call is one whole step. Uncommitted, the last step's row stayed pending until finish() and
+        # then overwrote the final summary (finetune/tokens_per_s of the last step instead of the run's average).
+        self.run.log(metrics, step=step, commit=True)
 
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
+
+    def artifacts(self, items: list[tuple[str, Path]]) -> None:
+        """One artifact per file or directory the stage recorded (ctx.add_artifact), typed by its kind. Files are
+        uploaded; a directory (a model: up to many GB) is logged as a file:// reference, checksummed, not copied."""
+        import wandb
+
+        for kind, path in items:
+            art = wandb.Artifact(f"{self.run.id}-{path.name}", type=kind)
+            if path.is_dir():
+                art.add_reference(path.resolve().as_uri(), name=path.name)
+            else:
+                art.add_file(str(path))
+            self.run.log_artifact(art)
 
     def finish(self, failed: bool = False) -> None:
         # The offline folder is complete only after finish(); the sync hint comes after it.
@@ -114,6 +141,34 @@ def _netrc_has(host: str) -> bool:
     except netrc.NetrcParseError as e:
         log.warning("wandb: cannot parse %s (%s); treating it as holding no API key", path, e)
         return False
+
+
+def log_sweep_summary(cfg: DictConfig, sweep: Path, files: list[Path]) -> None:
+    """The sweep's summary (runner/callbacks.py) as one more run of the sweep's group, job_type `sweep_summary`:
+    `files` (summary.csv/md/png) as one artifact, summary.png also as an image."""
+    import wandb
+
+    lc = cfg.logger
+    run = wandb.init(
+        project=lc.project,
+        entity=lc.entity,
+        group=lc.group if lc.group is not None else sweep.name,
+        job_type="sweep_summary",
+        name=f"summary-{sweep.name}",
+        dir=str(sweep),
+        mode=lc.mode if lc.mode is not None else _auto_mode(wandb.setup().settings),
+        tags=list(lc.tags),
+        settings=wandb.Settings(init_timeout=lc.init_timeout, silent=True),
+    )
+    try:
+        art = wandb.Artifact(f"sweep-summary-{sweep.name}", type="sweep_summary")
+        for f in files:
+            art.add_file(str(f))
+            if f.suffix == ".png":
+                run.log({"sweep/summary": wandb.Image(str(f))})
+        run.log_artifact(art)
+    finally:
+        run.finish()
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, group: str | None, job_name: str):

@@ -120,7 +120,7 @@ def _float_perplexity(
     path = Path(cfg.paths.cache_dir).expanduser() / "ppl" / f"{_sha256(json.dumps(key).encode())}.json"
     if path.is_file():
         hit = json.loads(path.read_text())
-        log.info("float perplexity %.4f from cache %s", hit["ppl"], path)
+        log.info("float perplexity %.4g from cache %s", hit["ppl"], path)
         return hit["ppl"], hit["windows_scored"]
     ppl, n = _perplexity(cfg, model, tok, text)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     if text is not None:
         ppl_float, _ = _float_perplexity(cfg, ctx, model, tok, text)
         metrics["quantize/ppl_float"] = ppl_float
-        log.info("float model: WikiText-2 perplexity %.4f", ppl_float)
+        log.info("float model: WikiText-2 perplexity %.4g", ppl_float)
 
     t0 = time.perf_counter()
     model = quantize_model(model, record, calib)
@@ -194,10 +194,11 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
 
     if cfg.task.save:
         out = save_native(ctx.run_dir / "model", model, tok, record, common.resolved_yaml(cfg))
+        ctx.add_artifact("model", out)
         log.info("wrote %s (load it with checkpointer=native checkpointer.path=%s)", out, out)
     if text is not None:
         ppl, n = _perplexity(cfg, model, tok, text)
         metrics["quantize/ppl"] = ppl
         metrics["quantize/ppl_windows"] = float(n)
-        log.info("quantized model: WikiText-2 perplexity %.4f over %d windows (float %.4f)", ppl, n, ppl_float)
+        log.info("quantized model: WikiText-2 perplexity %.4g over %d windows (float %.4g)", ppl, n, ppl_float)
     return metrics

@@ -11,7 +11,10 @@ alone writes what every run leaves there:
   holder; a lock left by a dead process on this host is taken over.
 SIGINT, SIGTERM and SIGHUP end the stage like Ctrl-C: status "failed" with "interrupted by SIGINT" or
 "terminated by SIGTERM", a traceback.txt, exit code 128 + the signal number. A failure to write the record itself
-(disk full) still ends with one line on screen. Under torchrun only rank 0 writes the run's files.
+(disk full) still ends with one line on screen.
+On success it prints the run's closing block: status, headline metric(s) (with the float model's value where the
+stage measured one), run directory, the files the stage recorded with `ctx.add_artifact`, and the next command.
+Under torchrun only rank 0 writes the run's files.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from omegaconf import DictConfig
 from models.atomic import write_text_atomic
 from runner.common import ConfigError, device
 from runner.logging import NoOpLogger, WandbLogger, build_logger
+from runner.stages import STAGES, baseline
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ class RunContext:
     device: torch.device  # the `device` setting resolved (finetune picks cuda:LOCAL_RANK itself)
     logger: NoOpLogger | WandbLogger = field(default_factory=NoOpLogger)
     steps_logged: int = 0
+    artifacts: list[tuple[str, Path]] = field(default_factory=list)  # (kind, path) from add_artifact
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Append one step of metrics to metrics.jsonl and forward it to the logger (wandb or none)."""
@@ -76,6 +83,12 @@ class RunContext:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.logger.log(metrics, step)
         self.steps_logged += 1
+        log.debug("step %d: %s", step, ", ".join(f"{k} {format_value(v)}" for k, v in metrics.items()))
+
+    def add_artifact(self, kind: str, path: Path) -> None:
+        """Record a file or directory the stage wrote: kind `model` (a native checkpoint directory), `adapter`,
+        `results` or `samples`. The closing block lists it (a model gets its next commands); W&B logs it."""
+        self.artifacts.append((kind, Path(path)))
 
 
 def run_dir() -> Path:
@@ -198,6 +211,41 @@ def _git_commit() -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+def format_value(v: float) -> str:
+    """A metric for people: integers with thousands separators, other values to 4 significant digits."""
+    if float(v).is_integer() and abs(v) < 1e15:
+        return f"{int(v):,}"
+    if 1e4 <= abs(v) < 1e15:  # 12,345 rather than 1.234e+04
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+def _print_closing(task: str, metrics: dict, out: Path, artifacts: list[tuple[str, Path]], seconds: float) -> None:
+    """The block a successful run ends with, on the console (stdout) and in run.log (DEBUG)."""
+    stage = STAGES[task]
+    keys = [k for k in (stage.headline, *stage.shown) if k in metrics]
+    if stage.headline not in metrics:  # e.g. eval without wikitext2_ppl: every metric the run has
+        keys = [k for k in metrics if k not in keys] + keys
+    width = max([len(k) for k in keys] + [len("run directory")])
+    lines = [f"== {task}: ok in {seconds:.1f} s =="]
+    for k in keys:
+        line = f"  {k:<{width}}  {format_value(metrics[k])}"
+        if baseline(k) in metrics:
+            line += f"  (float model: {format_value(metrics[baseline(k)])})"
+        lines.append(line)
+    lines.append(f"  {'run directory':<{width}}  {out}")
+    for kind, path in artifacts:
+        lines.append(f"  {kind:<{width}}  {path}")
+    models = [path for kind, path in artifacts if kind == "model"]
+    if models:
+        lines.append("  next:")
+        for next_task in ("generate", "eval"):
+            lines.append(f"    lmrunner task={next_task} checkpointer=native checkpointer.path={models[0]}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    log.debug("closing block:\n%s", text)
+
+
 def run_stage(cfg: DictConfig, stage_run) -> dict:
     """Run one stage, `stage_run(cfg, ctx) -> metrics`, inside its run directory (see the module docstring).
 
@@ -251,7 +299,10 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
                     ctx.log_metrics(metrics, step=0)
                 _write_json(out / "metrics.json", metrics)
             logger.summary(metrics)
+            logger.artifacts(ctx.artifacts)
         failed = False
+        if rank == 0:
+            _print_closing(cfg.task.name, metrics, out, ctx.artifacts, time.time() - start)
         return metrics
     except (KeyboardInterrupt, Exception) as e:  # noqa: B902 - record every failure, then report it below
         error = e

@@ -18,14 +18,25 @@ class Stage:
     module: str  # whose run(cfg, ctx) -> dict[str, float] is the stage (ctx: runner.rundir.RunContext)
     headline: str  # metric key in metrics.json
     maximize: bool = False  # larger headline is better (else smaller: perplexity, loss)
+    shown: tuple[str, ...] = ()  # also printed in the run's closing block, after the headline
 
 
 STAGES = {
-    "generate": Stage("runner.generate", "generate/decode_tokens_per_s", maximize=True),
-    "quantize": Stage("runner.quantize", "quantize/ppl"),
+    "generate": Stage(
+        "runner.generate",
+        "generate/decode_tokens_per_s",
+        maximize=True,
+        shown=("generate/prefill_tokens_per_s", "generate/time_to_first_token_s", "generate/new_tokens"),
+    ),
+    "quantize": Stage("runner.quantize", "quantize/ppl", shown=("quantize/model_bytes", "quantize/compression")),
     "eval": Stage("runner.eval", "eval/wikitext2_ppl/ppl"),
-    "finetune": Stage("runner.finetune", "finetune/val_loss"),
+    "finetune": Stage("runner.finetune", "finetune/val_loss", shown=("finetune/final_loss", "finetune/tokens_per_s")),
 }
+
+
+def baseline(key: str) -> str:
+    """The metric holding `key`'s float-model value, when a stage measures one (quantize/ppl -> quantize/ppl_float)."""
+    return f"{key}_float"
 
 
 def headline(task: str | None) -> str | None:

@@ -60,7 +60,8 @@ def _job(d: Path, status: str, ppl: float | None):
 
 
 def test_callback_writes_the_summary_and_exits_1_when_a_job_failed(tmp_path):
-    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    # The callback gets the sweep's composed config: hydra's part and the app's (logger=none: no W&B summary run).
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "logger": {"name": "none"}})
     _job(tmp_path / "32", "ok", 10.0)
     _job(tmp_path / "64", "ok", 11.0)
     SweepSummary().on_multirun_end(config=cfg)  # all ok: returns

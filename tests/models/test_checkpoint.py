@@ -106,3 +106,16 @@ def test_hf_config_round_trip(tmp_path, kind):
     args, sd, tok, _ = load_checkpoint("hf", d)
     out = save_hf(tmp_path / "b", _build(args, sd, d), tok)
     assert load_checkpoint("hf", out)[0] == args
+
+
+def test_wrong_checkpointer_names_the_right_one(tmp_path, tiny, tiny_hf_dir):
+    """The defect: checkpointer=hf on a native directory said only "config.json: missing"."""
+    native = save_native(tmp_path / "native", tiny[0], tiny[1], None, "seed: 0\n")
+    with pytest.raises(ValueError, match="is a native checkpoint, not hf; load it with checkpointer=native"):
+        load_checkpoint("hf", native)
+    with pytest.raises(ValueError, match="is a hf checkpoint, not native; load it with checkpointer=hf"):
+        load_checkpoint("native", tiny_hf_dir)
+    gguf = tmp_path / "m.bin"
+    gguf.write_bytes(b"GGUF" + b"\0" * 16)
+    with pytest.raises(ValueError, match="load it with checkpointer=gguf"):
+        load_checkpoint("hf", gguf)

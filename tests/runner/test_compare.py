@@ -139,3 +139,63 @@ def test_plot_has_one_panel_per_varying_override_and_one_line_per_other_combinat
     assert [ax.get_xlabel() for ax in axes] == ["quantizer.groupsize", "quantizer.percdamp", "quantizer.blocksize"]
     assert [len(ax.get_lines()) for ax in axes] == [4, 6, 6]  # 2x2, 3x2, 3x2 combinations of the others
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["32", "64", "128"]  # numeric order
+
+
+def _config_job(d: Path, overrides: list[str], groupsize: int, ppl: float, model_bytes: float, extra: dict = None):
+    """A quantize job with the resolved config Hydra writes (.hydra/config.yaml, choices in .hydra/hydra.yaml)."""
+    metrics = {"quantize/ppl": ppl, "quantize/ppl_float": 18.0, "quantize/model_bytes": model_bytes, "quantize/x": 1.0}
+    _job(d, overrides, metrics)
+    config = {"task": {"name": "quantize"}, "model": {"name": "smollm2_135m"}, "seed": 0}
+    config["quantizer"] = {"name": "gptq", "groupsize": groupsize, "percdamp": 0.01, **(extra or {})}
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    choices = {"task": "quantize", "quantizer": "gptq", "model": "smollm2_135m", "hydra/help": "lmrunner"}
+    (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    return d
+
+
+def _captured_figure(monkeypatch) -> list:
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    return saved
+
+
+def test_columns_come_from_the_resolved_config(tmp_path):
+    """The defect: a run that kept the default groupsize was listed (and plotted) as groupsize None, empty cell."""
+    sweep = tmp_path / "s"
+    _config_job(sweep / "0", ["task=quantize", "quantizer=gptq", "quantizer.groupsize=64"], 64, 20.0, 150.0)
+    _config_job(sweep / "1", ["task=quantize", "quantizer=gptq"], 128, 21.0, 140.0, {"percdamp": 0.1})
+    compare.summarize([sweep], sweep)
+    rows = {r["run"]: r for r in _read_csv(sweep / "summary.csv")}
+    assert rows["1"]["quantizer.groupsize"] == "128" and rows["0"]["quantizer.groupsize"] == "64"
+    # A key that differs though no override names it (an experiment file, a changed default) gets a column too.
+    assert rows["0"]["quantizer.percdamp"] == "0.01" and rows["1"]["quantizer.percdamp"] == "0.1"
+    assert "seed" not in rows["0"] and "model.name" not in rows["0"]  # the same in both: no column
+
+
+def test_plot_title_float_baseline_and_size_view(tmp_path, monkeypatch):
+    """The defects: no title (model, task), no float-baseline line, no quality-vs-size view."""
+    saved = _captured_figure(monkeypatch)
+    sweep = tmp_path / "s"
+    for i, (g, ppl, size) in enumerate([(32, 19.0, 160.0), (64, 20.0, 150.0), (128, 21.0, 140.0)]):
+        _config_job(sweep / str(i), ["task=quantize", f"quantizer.groupsize={g}"], g, ppl, size)
+    compare.summarize([sweep], sweep)
+    axes = saved[0].axes
+    assert "quantize" in axes[0].get_title(loc="left") and "smollm2_135m" in axes[0].get_title(loc="left")
+    assert [ax.get_xlabel() for ax in axes] == ["quantizer.groupsize", "quantize/model_bytes (MB)"]
+    for ax in axes:  # the float model's perplexity as a horizontal line in every panel
+        assert any(list(line.get_ydata()) == [18.0, 18.0] for line in ax.get_lines())
+    xs = sorted(line.get_xdata()[0] for line in axes[1].get_lines() if len(line.get_xdata()) == 1)
+    assert xs == pytest.approx([140e-6, 150e-6, 160e-6])
+
+
+def test_metric_flag_chooses_what_to_plot(tmp_path, monkeypatch, capsys):
+    saved = _captured_figure(monkeypatch)
+    sweep = tmp_path / "s"
+    for i, g in enumerate((64, 128)):
+        _config_job(sweep / str(i), ["task=quantize", f"quantizer.groupsize={g}"], g, 20.0, 150.0)
+    assert compare.main([str(sweep), "--metric", "quantize/x"]) == 0
+    assert saved[-1].axes[0].get_ylabel() == "quantize/x"
+    assert compare.main([str(sweep), "--metric", "quantize/nope"]) == 1
+    assert "--metric quantize/nope: no run has it" in capsys.readouterr().err

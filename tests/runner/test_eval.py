@@ -140,6 +140,22 @@ def test_num_fewshot_and_seed(compose):
     assert contexts[0] != contexts[1]
 
 
+def test_apply_chat_template_and_fewshot_as_multiturn(compose):
+    """As lm-eval's --apply_chat_template: each prompt rendered with the chat template, few-shot examples as
+    user/assistant turns (fewshot_as_multiturn null follows apply_chat_template; false keeps them in one turn)."""
+    overrides = ["task.tasks=[arc_easy]", "task.limit=1", "task.num_fewshot=1", "task.log_samples=true"]
+    contexts = {}
+    for run, extra in (("multi", []), ("single", ["task.fewshot_as_multiturn=false"])):
+        cfg = compose(["task=eval", "debug=smoke", *overrides, "task.apply_chat_template=true", *extra], run_name=run)
+        run_in_process(runner.eval, cfg)
+        row = json.loads((run_dir() / "samples_arc_easy.jsonl").read_text().splitlines()[0])
+        contexts[run] = row["arguments"][0][0]
+    # The tiny tokenizer's template: <s>{role}\n{content}</s>\n per message, then <s>assistant\n.
+    assert contexts["multi"].startswith("<s>user\nQuestion:") and contexts["multi"].endswith("<s>assistant\n")
+    assert contexts["multi"].count("<s>user\n") == 2 and contexts["multi"].count("<s>assistant\n") == 2
+    assert contexts["single"].count("<s>user\n") == 1 and contexts["single"].count("Question:") == 2
+
+
 def test_quantized_native_checkpoint(compose, tmp_path):
     """checkpointer=native over an int4 checkpoint: the quantized model is rebuilt from its sidecars and scored."""
     from models.checkpoint import save_native
@@ -169,6 +185,7 @@ def test_quantized_native_checkpoint(compose, tmp_path):
         ("task.max_length=512", "task.max_length=512 exceeds the model's context of 256 tokens"),
         ("task.ppl_seqlen=300", "task.ppl_seqlen=300 exceeds the model's context of 256 tokens"),
         ("quantizer=gptq", "quantizer=gptq needs calibration, which only task=quantize runs"),
+        ("task.fewshot_as_multiturn=true", "task.fewshot_as_multiturn=true needs task.apply_chat_template=true"),
     ],
 )
 def test_bad_input(compose, override, message):

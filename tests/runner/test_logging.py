@@ -200,3 +200,79 @@ def test_a_server_that_accepts_but_never_answers_falls_back_to_offline(tmp_path,
     assert json.loads((run / "status.json").read_text())["status"] == "ok"
     assert _offline_run(run)["exit_code"] == 0  # the metrics went to an offline run, for `wandb sync` later
     assert time.monotonic() - t0 < 120
+
+
+# --- the final summary, define_metric, artifacts --------------------------------------------------------------------
+def test_summary_equals_metrics_json_after_step_rows(compose, tmp_path):
+    """finetune's defect: the last step's row, still pending in wandb when summary.update ran, overwrote the run
+    average (summary tokens_per_s 16,586 against metrics.json's 13,058)."""
+    import json
+
+    cfg = compose(["task=finetune", "debug=smoke", "logger=wandb", "logger.mode=offline"])
+
+    def stage(cfg, ctx):
+        ctx.log_metrics({"finetune/loss": 3.0, "finetune/tokens_per_s": 100.0}, step=1)
+        ctx.log_metrics({"finetune/loss": 2.0, "finetune/tokens_per_s": 300.0, "finetune/val_loss": 2.5}, step=2)
+        return {"finetune/val_loss": 2.5, "finetune/tokens_per_s": 200.0}
+
+    run_stage(cfg, stage)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    run = _offline_run(tmp_path / "run")  # its summary: the summary records in file order, as `wandb sync` sends
+    assert {k: run["summary"][k] for k in metrics} == metrics
+    # define_metric: the headline's direction (finetune/val_loss: smaller is better)
+    (run_file,) = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    (metric,) = [r.metric for r in _records(run_file) if r.WhichOneof("record_type") == "metric"]
+    assert metric.name == "finetune/val_loss" and metric.summary.min and not metric.summary.max
+
+
+def _artifact_records(run_dir: Path) -> dict:
+    """{artifact type: {entry path: entry}} of the artifacts an offline run logged."""
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    arts = [r.artifact for r in _records(run_file) if r.WhichOneof("record_type") == "artifact"]
+    return {a.type: {e.path: e for e in a.manifest.contents} for a in arts}
+
+
+def test_recorded_files_become_artifacts_and_the_model_a_reference(compose, tmp_path):
+    """The defect: no artifacts at all (model, results.json, samples)."""
+    cfg = compose(["task=eval", "debug=smoke", "logger=wandb", "logger.mode=offline"])
+
+    def stage(cfg, ctx):
+        (ctx.run_dir / "results.json").write_text("{}")
+        (ctx.run_dir / "samples.jsonl").write_text("{}\n")
+        (ctx.run_dir / "model").mkdir()
+        (ctx.run_dir / "model" / "model.safetensors").write_bytes(b"0" * 64)
+        for kind, name in (("results", "results.json"), ("samples", "samples.jsonl"), ("model", "model")):
+            ctx.add_artifact(kind, ctx.run_dir / name)
+        return {"eval/wikitext2_ppl/ppl": 12.0}
+
+    run_stage(cfg, stage)
+    _offline_run(tmp_path / "run")  # waits until the run is complete
+    arts = _artifact_records(tmp_path / "run")
+    assert set(arts) == {"results", "samples", "model"}
+    assert "results.json" in arts["results"] and "samples.jsonl" in arts["samples"]
+    (entry,) = arts["model"].values()
+    assert entry.path == "model/model.safetensors"
+    assert entry.ref == (tmp_path / "run" / "model" / "model.safetensors").resolve().as_uri()
+
+
+def test_sweep_summary_is_logged_to_the_group(compose, tmp_path):
+    """The defect: the sweep summary (summary.csv/png) never reached W&B."""
+    from runner.logging import log_sweep_summary
+
+    cfg = compose(["task=eval", "debug=smoke", "logger=wandb", "logger.mode=offline"])
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    files = [sweep / "summary.csv", sweep / "summary.png"]
+    files[0].write_text("run,quantize/ppl\n0,12.0\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.figure(figsize=(1, 1))
+    plt.savefig(files[1])
+    plt.close()
+    log_sweep_summary(cfg, sweep, files)
+    run = _offline_run(sweep)
+    assert run["run"].run_group == "sweep" and run["run"].job_type == "sweep_summary"
+    assert {"summary.csv", "summary.png"} <= set(_artifact_records(sweep)["sweep_summary"])

@@ -1,12 +1,16 @@
 """`python -m runner` as a user runs it: run directories, status.json, and one-line errors with non-zero exits."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
+
+from runner.stages import STAGES
 
 SMOKE = ["task=generate", "debug=smoke", "task.prompt=hello"]
 
@@ -90,3 +94,58 @@ def test_a_second_run_in_a_busy_run_directory_changes_nothing(tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and f"in use by pid {holder.pid}" in lines[0]
     assert (run / ".hydra" / "config.yaml").read_text() == "the first run's\n"
     assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock"]
+
+
+def _console_script(tmp_path) -> Path:
+    """The `lmrunner` script pip writes for pyproject.toml's [project.scripts] entry (read from there)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["lmrunner"]
+    module, func = entry.split(":")
+    script = tmp_path / "bin" / "lmrunner"
+    script.parent.mkdir()
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+    script.chmod(0o755)
+    return script
+
+
+def _run_script(script: Path, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=e)
+
+
+def _assert_help_page(r: subprocess.CompletedProcess):
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    for stage in STAGES:
+        assert f"lmrunner task={stage}" in r.stdout, stage  # every stage with an example
+    assert "quantizer:" in r.stdout and "gptq" in r.stdout and "outputs/" in r.stdout
+    for internal in ("debug_task", "lm_eval_tasks", "powered by Hydra"):
+        assert internal not in r.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["task=quantize", "quantizer=gptq", "--help"]], ids=["no-task", "task"])
+def test_help_page_with_or_without_task(tmp_path, args):
+    _assert_help_page(run_cli(args, cwd=tmp_path))
+
+
+def test_no_task_is_one_line_listing_the_stages(tmp_path):
+    r = run_cli(["model=tiny"], cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert all(f"task={stage}" in r.stderr for stage in STAGES)
+
+
+def test_console_script_help_and_shell_completion(tmp_path):
+    script = _console_script(tmp_path)
+    _assert_help_page(_run_script(script, ["--help"], cwd=tmp_path))
+    r = _run_script(script, ["-sc", "install=bash"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "hydra_bash_completion" in r.stdout
+        and "complete -o nospace -o default -F hydra_bash_completion lmrunner" in r.stdout
+    )
+    # What bash's completion function then asks the script for `lmrunner quantizer=<TAB>`.
+    line = "lmrunner quantizer="
+    r = _run_script(script, ["-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert r.returncode == 0, r.stderr
+    assert "quantizer=gptq" in r.stdout.split()
