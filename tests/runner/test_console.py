@@ -11,7 +11,11 @@ from runner.stages import STAGES
 
 CASES = {
     # stage args, a line of per-layer or per-step detail that belongs in run.log only
-    "quantize": (["task=quantize", "quantizer=gptq"], "block 0 self_attn.q_proj"),
+    # calibration windows within the tiny model's 256-token context (a longer seqlen is refused)
+    "quantize": (
+        ["task=quantize", "quantizer=gptq", "quantizer.nsamples=4", "quantizer.seqlen=64"],
+        "block 0 self_attn.q_proj",
+    ),
     "finetune": (["task=finetune"], "step 1: finetune/loss"),
     "eval": (["task=eval", "task.tasks=[wikitext2_ppl,hellaswag]"], None),
     "generate": (["task=generate", "task.prompt=hello"], None),
