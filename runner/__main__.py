@@ -17,7 +17,7 @@ from runner.common import ConfigError
 from runner.rundir import run_stage
 from runner.stages import STAGES
 
-# The config groups the help page lists; the others (debug_task, lm_eval_tasks, paths, hydra) are internal.
+# The config groups the help page lists; the others (debug_task, debug_quantizer, lm_eval_tasks, paths, hydra) are internal.
 _USER_GROUPS = ("task", "model", "quantizer", "checkpointer", "data", "logger", "experiment", "hparams_search", "debug")
 # Groups whose choice also names the task, so a command line with one of them needs no task=.
 _TASK_SETTERS = ("task", "experiment", "hparams_search")

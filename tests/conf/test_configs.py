@@ -62,3 +62,12 @@ def test_checkpointer_auto_follows_the_model_format(compose):
     assert compose(["task=generate"]).checkpointer.name == "gguf"
     assert compose(["task=generate", "model=llama3_2_1b"]).checkpointer.name == "hf"
     assert compose(["task=generate", "checkpointer=native", "checkpointer.path=/x"]).checkpointer.name == "native"
+
+
+def test_smoke_gptq_calibrates_within_the_tiny_context(compose):
+    # A GPTQ smoke run's windows must fit the tiny model's context (longer ones are refused at start-up), and
+    # debug=smoke must not touch other quantizers or runs without debug.
+    cfg = compose(["task=quantize", "quantizer=gptq", "debug=smoke"])
+    assert cfg.quantizer.seqlen <= cfg.model.args.max_position_embeddings
+    assert compose(["task=quantize", "quantizer=gptq"]).quantizer.seqlen == 1024
+    assert "seqlen" not in compose(["task=quantize", "quantizer=int4_wo", "debug=smoke"]).quantizer
