@@ -49,7 +49,7 @@ from omegaconf import DictConfig
 
 import conf
 from runner import common
-from runner.knobs import check, integer, number
+from runner.knobs import check, integer, number, within_context
 from runner.lm_eval_adapter import LMEvalModel
 from runner.perplexity import perplexity, wikitext2_test_text
 from runner.rundir import RunContext
@@ -142,13 +142,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
     tm = _task_manager(cfg, harness) if harness else None
     ppl_text = wikitext2_test_text(cfg) if PPL_TASK in names else None
     model, tok = common.load_model(cfg)
-    context_len = model.args.max_position_embeddings
-    for key in ("max_length", "ppl_seqlen") if ppl_text is not None else ("max_length",):
-        if t[key] is not None and t[key] > context_len:
-            raise common.ConfigError(
-                f"task.{key}={t[key]} exceeds the model's context of {context_len} tokens "
-                f"(model.max_position_embeddings); lower task.{key}"
-            )
+    keys = ("max_length", "ppl_seqlen") if ppl_text is not None else ("max_length",)
+    within_context({f"task.{key}": t[key] for key in keys}, model.args.max_position_embeddings)
     if t.apply_chat_template and not tok.chat_template:
         raise common.ConfigError(
             f"task.apply_chat_template=true: the tokenizer of {cfg.model.name} has no chat template; "

@@ -66,7 +66,7 @@ from models.llama import Transformer
 from models.lora import apply_lora, merge_lora, save_adapter
 from models.tokenizer import Tokenizer
 from runner import common, data
-from runner.knobs import check, integer, number
+from runner.knobs import check, integer, number, within_context
 from runner.rundir import Interrupted, RunContext
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,53 @@ def _optimizer_step(params, optimizer, scheduler, max_grad_norm: float | None) -
     return grad_norm, lr
 
 
+def _run_directory(t: DictConfig, ctx: RunContext, world: int, rank: int) -> tuple[Path, Path | None]:
+    """The run's directory and the checkpoint to resume from (None: a fresh run, which claims the directory)."""
+    # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
+    out = Path(_broadcast(str(ctx.run_dir), world))
+    resume = _resume_dir(t.resume, out)
+    if resume is None or out.resolve() not in resume.resolve().parents:  # not continuing this directory's run
+        _claim_run_dir(out, t.overwrite, rank)
+    return out, resume
+
+
+def _accumulate_gradients(model, batches, n_targets: float, dev, amp: bool, world: int) -> torch.Tensor:
+    """Backward over this rank's micro-batches of one step; returns their summed loss (a 0-d tensor on dev)."""
+    loss_sum = torch.zeros((), device=dev)
+    for j, (x, y) in enumerate(batches):
+        if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
+            model.set_requires_gradient_sync(j == len(batches) - 1)
+        nll = _summed_nll(model, x.to(dev), y.to(dev), amp)
+        # Normalise by the global target count; x world because FSDP averages gradients over ranks.
+        (nll * world / n_targets).backward()
+        loss_sum += nll.detach()
+    return loss_sum
+
+
+def _start(resume, out: Path, model, optimizer, scheduler, rank: int, world: int) -> tuple[int, int, float]:
+    """(step, sample position, last loss) to start from: 0, 0, NaN, or the resumed checkpoint's."""
+    if resume is None:
+        return 0, 0, math.nan
+    step, position, loss = _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
+    if rank == 0:
+        _drop_rows_after(out / "metrics.jsonl", step)  # logged after that checkpoint, before the interruption
+    return step, position, loss
+
+
+def _check_finite(loss: float, step: int, last_good: Path | None) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"finetune: loss is {loss} at step {step}; stopped before the optimizer step. Last good "
+            f"checkpoint: {last_good or 'none'}; lower task.optimizer.lr or set task.max_grad_norm"
+        )
+
+
+def _record_exports(ctx: RunContext, out: Path, rank: int) -> None:
+    for kind in ("adapter", "model"):  # which of them _export wrote (LoRA: adapter, model if save_merged)
+        if rank == 0 and (out / kind).is_dir():
+            ctx.add_artifact(kind, out / kind)
+
+
 def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     t = cfg.task
     rank = dist.get_rank() if world > 1 else 0
@@ -192,19 +239,9 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
             f"task.batch_size={t.batch_size} must divide by micro_batch_size={t.micro_batch_size} x {world} devices"
         )
     mb = t.micro_batch_size
-    # Each rank of a torchrun job may get its own Hydra run directory (timestamps differ): rank 0's is the run's.
-    out = Path(_broadcast(str(ctx.run_dir), world))
-    resume = _resume_dir(t.resume, out)
-    if resume is None or out.resolve() not in resume.resolve().parents:  # not continuing this directory's run
-        _claim_run_dir(out, t.overwrite, rank)
-
+    out, resume = _run_directory(t, ctx, world, rank)
     model, tok = _trainable_model(cfg)
-    context_len = model.args.max_position_embeddings
-    if t.max_seq_len > context_len:
-        raise common.ConfigError(
-            f"task.max_seq_len={t.max_seq_len} exceeds the model's context of {context_len} tokens "
-            "(model.max_position_embeddings); lower task.max_seq_len"
-        )
+    within_context({"task.max_seq_len": t.max_seq_len}, model.args.max_position_embeddings)
     dev = next(model.parameters()).device
     train, val = data.load_examples(cfg, tok)
     _wrap_blocks(model, t.activation_checkpointing, t.compile, world)
@@ -214,11 +251,7 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     scheduler = instantiate(t.scheduler)(optimizer, max_steps=t.max_steps)
     amp = t.bf16 is True or (t.bf16 == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
 
-    step, position, loss = (0, 0, math.nan)
-    if resume is not None:
-        step, position, loss = _load_checkpoint(resume, model, optimizer, scheduler, rank, world)
-        if rank == 0:
-            _drop_rows_after(out / "metrics.jsonl", step)  # logged after that checkpoint, before the interruption
+    step, position, loss = _start(resume, out, model, optimizer, scheduler, rank, world)
     end = t.max_steps if t.stop_after is None else min(t.max_steps, step + t.stop_after)
     sampler = data.Sampler(len(train), cfg.seed)
     evaluate = functools.partial(_val_loss, model, val, mb, tok.pad_id, dev, amp, rank, world)
@@ -238,22 +271,11 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
             batches, n_tokens = data.micro_batches(train, idx, mb, rank, world, tok.pad_id)  # this rank's share
             n_targets = sum((y != data.IGNORE_INDEX).sum().item() for _, y in batches)
             n_targets, n_tokens = _all_sum(torch.tensor([n_targets, n_tokens], dtype=torch.float64), world).tolist()
-            loss_sum = torch.zeros((), device=dev)
-            for j, (x, y) in enumerate(batches):
-                if world > 1:  # reduce-scatter gradients once per step, after the last micro-batch
-                    model.set_requires_gradient_sync(j == len(batches) - 1)
-                nll = _summed_nll(model, x.to(dev), y.to(dev), amp)
-                # Normalise by the global target count; x world because FSDP averages gradients over ranks.
-                (nll * world / n_targets).backward()
-                loss_sum += nll.detach()
+            loss_sum = _accumulate_gradients(model, batches, n_targets, dev, amp, world)
             flag = torch.tensor(float(interrupt.signal is not None))
             reduced = _all_sum(torch.stack([loss_sum.cpu(), flag]), world)
             loss = reduced[0].item() / n_targets
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"finetune: loss is {loss} at step {step + 1}; stopped before the optimizer step. Last good "
-                    f"checkpoint: {saved or resume or 'none'}; lower task.optimizer.lr or set task.max_grad_norm"
-                )
+            _check_finite(loss, step + 1, saved or resume)
             grad_norm, lr = _optimizer_step(params, optimizer, scheduler, t.max_grad_norm)
             step, position = step + 1, position + t.batch_size
             dt = time.perf_counter() - t0
@@ -277,9 +299,7 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
         val_loss = evaluate()
     if step == t.max_steps:
         _export(cfg, out, model, tok, rank)
-        for kind in ("adapter", "model"):  # which of them _export wrote (LoRA: adapter, model if save_merged)
-            if rank == 0 and (out / kind).is_dir():
-                ctx.add_artifact(kind, out / kind)
+        _record_exports(ctx, out, rank)
     return {
         "finetune/final_loss": loss,
         "finetune/val_loss": val_loss,

@@ -86,6 +86,17 @@ def check(node: DictConfig, prefix: str, rules: Mapping[str, Rule]) -> None:
             raise ConfigError(f"{prefix}.{key}={value!r} is not valid: use {rule.describe()}")
 
 
+def within_context(lengths: Mapping[str, int | None], context_len: int) -> None:
+    """Refuse a length knob (`{"task.max_seq_len": 4096}`; None: not used) longer than the model's context: it would
+    run on positions the model was never trained for."""
+    for key, n in lengths.items():
+        if n is not None and n > context_len:
+            raise ConfigError(
+                f"{key}={n} exceeds the model's context of {context_len} tokens (model.max_position_embeddings); "
+                f"lower {key}"
+            )
+
+
 def string_list(node: DictConfig, prefix: str, key: str) -> list[str]:
     """A list-of-strings knob; a single string is taken deliberately as a one-element list (task.stop="Q:" means
     ["Q:"], never its characters)."""

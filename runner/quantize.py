@@ -51,7 +51,7 @@ from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 from runner import common
 from runner.calibration import calibration_windows, corpus_path
-from runner.knobs import check, integer
+from runner.knobs import check, integer, within_context
 from runner.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_test_text
 from runner.rundir import RunContext
 
@@ -159,12 +159,7 @@ def _check_context(cfg: DictConfig, record: dict, context_len: int) -> None:
     lengths = {"quantizer.seqlen": record.get("seqlen") if quantizer(record).needs_calibration else None}
     if cfg.task.ppl:
         lengths["task.ppl_seqlen"] = cfg.task.ppl_seqlen
-    for key, n in lengths.items():
-        if n is not None and n > context_len:
-            raise common.ConfigError(
-                f"{key}={n} exceeds the model's context of {context_len} tokens (model.max_position_embeddings); "
-                f"lower {key}"
-            )
+    within_context(lengths, context_len)
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:

@@ -270,18 +270,7 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
             return {}
         sys.exit(1)
     start = time.time()
-    status = {
-        "status": "running",
-        "task": cfg.task.name,
-        "error": None,
-        "start_time": dt.datetime.fromtimestamp(start).isoformat(),
-        "end_time": None,
-        "duration_s": None,
-        "overrides": list(hc.overrides.task),
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "argv": sys.argv,
-    }
+    status = _initial_status(cfg.task.name, list(hc.overrides.task), start)
     failed = True
     error = None
     logger = NoOpLogger()
@@ -324,6 +313,27 @@ def run_stage(cfg: DictConfig, stage_run) -> dict:
             log.warning("logger.finish failed: %s", e)
         if lock is not None:
             _release_lock(lock)
+    return _report_failure(error, status, out, multirun)
+
+
+def _initial_status(task: str, overrides: list[str], start: float) -> dict:
+    """status.json as the run starts ("running"); run_stage fills in the outcome."""
+    return {
+        "status": "running",
+        "task": task,
+        "error": None,
+        "start_time": dt.datetime.fromtimestamp(start).isoformat(),
+        "end_time": None,
+        "duration_s": None,
+        "overrides": overrides,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+
+
+def _report_failure(error: BaseException, status: dict, out: Path, multirun: bool) -> dict:
+    """The failed run's one line on screen, then its exit code; in a multirun, {} so the sweep goes on."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
     unrecorded = f"; could not record it in {status['unrecorded']}" if "unrecorded" in status else ""
