@@ -312,7 +312,7 @@ class Transformer(nn.Module):
         bf16 model is the fast choice on CPUs without native bf16 (AVX2): there the bf16 attention kernel is several
         times slower than the float32 one, while the cache is small next to the weights.
         """
-        dtype = dtype or self.model.embed_tokens.weight.dtype
+        dtype = dtype or self.model.norm.weight.dtype
         device = self.inv_freq.device
         a = self.args
         for layer in self.model.layers:
@@ -333,7 +333,7 @@ class Transformer(nn.Module):
         (computed on CPU at construction, even under torch.device("meta"); uninitialised after `to_empty`). The
         loaders call this once the weights are in, so the model never runs with frequencies it did not compute.
         """
-        self.inv_freq = rope_frequencies(self.args).to(self.model.embed_tokens.weight.device)
+        self.inv_freq = rope_frequencies(self.args).to(self.model.norm.weight.device)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos, sin of shape [B, 1, T, D] for position_ids [B, T] (fp32 maths, as HF)."""
@@ -365,7 +365,8 @@ class Transformer(nn.Module):
         case, runs SDPA's causal kernel with no mask tensor.
         """
         B, T = input_ids.shape
-        x = self.model.embed_tokens(input_ids)  # [B, T, C]
+        # .to: a quantized embedding (quant/int4.py Int4Embedding) returns its scales' dtype
+        x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # [B, T, C]
         if position_ids is None:
             pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
             position_ids = pos[None].expand(B, T)

@@ -2,8 +2,9 @@
 and how a saved quantized checkpoint loads again.
 
 What gets quantized: every nn.Linear inside `model.model.layers` (q/k/v/o and gate/up/down of each block,
-`quant.checks.decoder_linears`). Embeddings, norms and the output head stay float: they are a small share of a
-Llama's weights, and the head is the most quantization-sensitive layer.
+`quant.checks.decoder_linears`). Norms stay float; so do the embedding and the output head unless an int4 scheme's
+`quantize_head` knob says otherwise (round-to-nearest, see quant/int4_wo.py): the head is the most
+quantization-sensitive layer, but on a small model it is a large share of the bytes a decode step reads.
 
 The config (`qcfg`) is the resolved `quantizer` group as a plain dict: `name` plus that quantizer's knobs, exactly
 the keys of its record's `knobs` (an unknown or missing key is an error, so a typo cannot fall back silently).
@@ -44,7 +45,7 @@ from torch import nn
 
 from quant.checks import decoder_linears
 from quant.gptq import GPTQ
-from quant.int4_wo import INT4_WO
+from quant.int4_wo import INT4_WO, head_shell, quantize_head
 from quant.int8_wo import INT8_WO
 from quant.scheme import Quantizer
 
@@ -85,6 +86,8 @@ def quantize_model(model: nn.Module, qcfg: Mapping, calib: torch.Tensor | None =
     if q.needs_calibration and calib is None:
         raise ValueError(f"quantizer {q.name} needs calibration token ids [nsamples, seqlen] (calib=None given)")
     q.quantize(model, spec, calib)
+    if spec.get("quantize_head"):
+        quantize_head(model, spec)
     return model
 
 
@@ -96,4 +99,6 @@ def prepare_for_load(model: nn.Module, qcfg: Mapping) -> nn.Module:
     if shell is not None:
         for name, linear in decoder_linears(model).items():
             model.set_submodule(name, shell(linear, spec))
+    if spec.get("quantize_head"):
+        head_shell(model, spec)
     return model

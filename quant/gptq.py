@@ -555,10 +555,11 @@ GPTQ = Quantizer(
         "sink_weight": positive_number("1 = the paper's GPTQ"),
         "attention_weight": boolean,
         "scale_search": boolean,
+        "quantize_head": boolean,
     },
     quantize=_quantize,
     shell=_shell,
     needs_calibration=True,
     # quantizer.json written before these keys existed: what the code did then
-    backfill={"sampling": "corpus", "sink_weight": 1, "attention_weight": False, "scale_search": False},
+    backfill={"sampling": "corpus", "sink_weight": 1, "attention_weight": False, "scale_search": False, "quantize_head": False},
 )

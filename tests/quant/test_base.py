@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from quant import describe, prepare_for_load, quantize_model
 from quant.base import QUANTIZERS
 from quant.checks import decoder_linears
-from quant.int4 import Int4WeightOnlyLinear
+from quant.int4 import Int4Embedding, Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 
 QCFGS = {
@@ -25,6 +26,12 @@ QCFGS = {
     "gptq_static_groups": gptq_cfg(act_order=True, static_groups=True),
     "gptq_sink_search": gptq_cfg(act_order=True, sink_weight=64, scale_search=True, attention_weight=True),
 }
+# quantize_head: the output head (and a tied embedding) in int4 too
+HEAD_QCFGS = {
+    "int4_wo_head": QCFGS["int4_wo"] | {"quantize_head": True},
+    "int4_wo_head_sym_padded": QCFGS["int4_wo_sym_padded"] | {"quantize_head": True},
+    "gptq_head": gptq_cfg(act_order=True, quantize_head=True),
+}
 
 
 def test_describe_records_exactly_the_knobs():
@@ -33,11 +40,12 @@ def test_describe_records_exactly_the_knobs():
     assert list(rec) == ["name", *QUANTIZERS["gptq"].knobs]
     assert json.loads(json.dumps(rec)) == rec
     # a quantizer.json from before these keys: what the code did then
-    new_keys = ("sampling", "sink_weight", "attention_weight", "scale_search")
+    new_keys = ("sampling", "sink_weight", "attention_weight", "scale_search", "quantize_head")
     old = {k: v for k, v in gptq_cfg().items() if k not in new_keys}
     assert describe(old) == rec
     assert describe({"name": "int4_wo", "groupsize": 32, "sym": True}) == QCFGS["int4_wo_sym_padded"] | {
-        "groupsize": 32
+        "groupsize": 32,
+        "quantize_head": False,
     }
 
 
@@ -64,6 +72,7 @@ def test_describe_records_exactly_the_knobs():
         (gptq_cfg(attention_weight="yes"), "attention_weight='yes' must be true or false"),
         (gptq_cfg(scale_search=1), "scale_search=1 must be true or false"),
         ({"name": "int4_wo", "groupsize": 32, "sym": False, "scale_search": "no"}, "scale_search='no'"),
+        (gptq_cfg(quantize_head="yes"), "quantize_head='yes' must be true or false"),
     ],
 )
 def test_describe_rejects_bad_configs(qcfg, message):
@@ -108,10 +117,35 @@ def test_int4_wo_logits_match_dequantized_twin(sym):
         torch.testing.assert_close(qmodel(ids), dequantized_twin(float_model, qmodel)(ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("key", list(QCFGS))
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantize_head_rounds_head_and_tied_embedding(tied):
+    float_model = tiny_model(tie_word_embeddings=tied)
+    qmodel = quantize_model(copy.deepcopy(float_model), HEAD_QCFGS["int4_wo_head"])
+    assert isinstance(qmodel.lm_head, Int4WeightOnlyLinear)
+    keys = set(qmodel.state_dict())
+    if tied:  # one int4 copy of the tied matrix, saved under lm_head; lookups dequantize its rows
+        assert isinstance(qmodel.model.embed_tokens, Int4Embedding)
+        assert not any(k.startswith("model.embed_tokens.") for k in keys)
+    else:  # an untied embedding is only read a row per token: it stays float
+        assert qmodel.model.embed_tokens.weight.dtype == torch.float32
+    assert {"lm_head.qweight", "lm_head.scales", "lm_head.zeros"} <= keys
+    # reference: the float model with every quantized matrix replaced by its dequantized value
+    twin = dequantized_twin(float_model, qmodel)
+    with torch.no_grad():
+        head = qmodel.lm_head.dequantize()
+        if tied:
+            twin.model.embed_tokens.weight.copy_(head)
+        else:
+            twin.lm_head.weight.copy_(head)
+        assert not torch.equal(head, float_model.model.embed_tokens.weight if tied else float_model.lm_head.weight)
+        ids = token_ids()
+        torch.testing.assert_close(qmodel(ids), twin(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", list(QCFGS) + list(HEAD_QCFGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_prepare_load_gives_identical_logits(tmp_path, key, dtype):
-    qcfg = QCFGS[key]
+    qcfg = (QCFGS | HEAD_QCFGS)[key]
     model = tiny_model().to(dtype)
     quantize_model(model, qcfg, calib_ids() if qcfg["name"] == "gptq" else None)
     save_file(model.state_dict(), tmp_path / "model.safetensors")
