@@ -222,10 +222,21 @@ def generate(
             step, compile_s = _compiled_step(model, batch, tok)
         t1 = time.perf_counter()
         n_steps = 0
+        fed = [batch.ids]  # every token in the cache so far, for the LongRoPE re-prefill
         for i in range(1, max_new_tokens):
             if done:
                 break
-            logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
+            fed.append(tok[:, None])
+            if model.rope_switch is not None and P <= model.rope_switch == P + i - 1:
+                # The first position past LongRoPE's pretraining length switches every rotation to the long factors:
+                # recompute the cache over the whole sequence once (eager), as transformers' Phi-3 generation does.
+                done_slots = batch.slots[: P + i]
+                ids = torch.cat(fed, 1)  # [B, P + i]
+                pos = batch.position_ids(done_slots)
+                logits = model(ids, input_pos=done_slots, position_ids=pos, key_padding_mask=batch.key_padding_mask)
+                logits = logits[:, -1:]
+            else:
+                logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
             tok = sample(logits[:, -1])
             done = rows.take(tok.tolist())
             n_steps += 1

@@ -228,7 +228,9 @@ def test_decode_without_cache_is_a_clear_error():
     "bad, match",
     [
         (dict(num_key_value_heads=3), "num_key_value_heads"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+        (dict(layer_types=["sliding_attention", "full_attention"]), "sliding_window"),
+        (dict(hidden_act="relu"), "hidden_act"),
     ],
 )
 def test_model_args_reject_bad_values(bad, match):
