@@ -166,14 +166,13 @@ FAMILY_HF = {
     "gemma3": (
         "Gemma3Text",
         dict(
-            num_hidden_layers=3,
+            num_hidden_layers=6,  # Gemma 3's pattern: five sliding layers, then a global one
             head_dim=16,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
             sliding_window=10,
             query_pre_attn_scalar=24,
             rope_parameters={
-                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             },
         ),
     ),
@@ -195,11 +194,11 @@ FAMILY_HF = {
 _FAMILY_CLASS = {"Qwen3": "Qwen3", "Gemma2": "Gemma2", "Gemma3Text": "Gemma3", "Phi3": "Phi3"}
 
 
-def family_hf_config(family: str):
-    """The transformers config of FAMILY_HF[family] at the tiny model's sizes."""
+def family_hf_config(family: str, **overrides):
+    """The transformers config of FAMILY_HF[family] at the tiny model's sizes, with `overrides`."""
     import transformers
 
-    prefix, overrides = FAMILY_HF[family]
+    prefix = FAMILY_HF[family][0]
     common = dict(
         vocab_size=259,
         hidden_size=64,
@@ -213,7 +212,7 @@ def family_hf_config(family: str):
         pad_token_id=258,
         initializer_range=0.1,  # peakier than the default 0.02, so greedy decoding is no near-tie
     )
-    return getattr(transformers, f"{prefix}Config")(**{**common, **overrides})
+    return getattr(transformers, f"{prefix}Config")(**{**common, **FAMILY_HF[family][1], **overrides})
 
 
 def family_args(family: str, **overrides) -> ModelArgs:
@@ -222,7 +221,7 @@ def family_args(family: str, **overrides) -> ModelArgs:
     return ModelArgs(**{**ModelArgs.from_hf_config(d).to_dict(), **overrides})
 
 
-def make_family_hf(directory: Path, family: str) -> Path:
+def make_family_hf(directory: Path, family: str, **overrides) -> Path:
     """A random tiny transformers model of `family` (norm weights moved off their init, so a misplaced or
     mis-offset norm shows), saved with save_pretrained, with the byte tokenizer beside it."""
     import transformers
@@ -231,7 +230,7 @@ def make_family_hf(directory: Path, family: str) -> Path:
 
     torch.manual_seed(0)
     cls = getattr(transformers, f"{_FAMILY_CLASS[FAMILY_HF[family][0]]}ForCausalLM")
-    model = cls(family_hf_config(family)).eval()
+    model = cls(family_hf_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -6,7 +6,9 @@ again at export), and config.json layouts of the real checkpoints."""
 from __future__ import annotations
 
 import functools
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILY_HF, family_args, make_family_hf
@@ -265,3 +267,109 @@ def test_real_config_layouts():
 def test_multimodal_gemma3_is_a_clear_error():
     with pytest.raises(ValueError, match="gemma3_text"):
         ModelArgs.from_hf_config(dict(GEMMA3_1B, model_type="gemma3"))
+
+
+# --- GGUF in llama.cpp's converter layout ---------------------------------------------------------------------
+
+# What llama.cpp fixes per architecture that a GGUF cannot say otherwise: Gemma scales scores by head_dim (sizes
+# below 27B), stores no output head for Gemma 2 (tied); Qwen3 has no sliding layers. The GGUF variants of the tiny
+# configs follow that.
+GGUF_OVERRIDES = {
+    "qwen3": dict(use_sliding_window=False),  # llama.cpp's qwen3 has no sliding layers (the released ones have none)
+    "gemma2": dict(query_pre_attn_scalar=16, tie_word_embeddings=True),
+    "gemma3": dict(query_pre_attn_scalar=16),
+    "phi3": {},
+}
+GGUF_ARCH = {"qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3", "phi3": "phi3"}
+
+
+def write_llama_cpp_gguf(path, family: str, hf_dir) -> None:
+    """Write the HF checkpoint in hf_dir as llama.cpp's convert_hf_to_gguf.py lays it out for the family: gguf-py's
+    own HF -> GGUF tensor names (TensorNameMap), Gemma's norms stored as 1 + weight, Phi-3's fused qkv_proj and
+    gate_up_proj kept whole with LongRoPE as rope_factors_long/short tensors, no q/k permutation (NeoX RoPE), and
+    a 259-token SentencePiece-style vocabulary (<unk> <s> </s> and the 256 byte tokens)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    arch = GGUF_ARCH[family]
+    n, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    rp = cfg["rope_parameters"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_block_count(n)
+    w.add_head_count(heads)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if family != "phi3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if family == "qwen3":
+        w.add_rope_freq_base(rp["rope_theta"])
+    if family == "gemma2":
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        w.add_sliding_window(cfg["sliding_window"])
+    if family == "gemma3":
+        full = rp["full_attention"]
+        w.add_rope_freq_base(full["rope_theta"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
+        w.add_sliding_window(cfg["sliding_window"])
+    extra = {}
+    if family == "phi3":
+        orig = cfg["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_dimension_count(int(cfg["partial_rotary_factor"] * hidden) // heads)
+        w.add_rope_freq_base(rp["rope_theta"])
+        w.add_sliding_window(cfg["sliding_window"] or 0)
+        scale = cfg["max_position_embeddings"] / orig
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)))
+        extra = {"rope_factors_long.weight": rp["long_factor"], "rope_factors_short.weight": rp["short_factor"]}
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)]]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([2, 3, 3] + [6] * 256)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n)
+    for hf, t in load_file(str(hf_dir / "model.safetensors")).items():
+        if family == "gemma2" and hf == "lm_head.weight":
+            continue  # the converter drops it: llama.cpp's Gemma 2 always ties the head
+        a = t.float().numpy()
+        if family.startswith("gemma") and hf.endswith("norm.weight"):
+            a = a + 1
+        w.add_tensor(names.get_name(hf, try_suffixes=(".weight", ".bias")), a)
+    for name, values in extra.items():
+        w.add_tensor(name, np.array(values, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", list(FAMILY_HF))
+def test_gguf_in_llama_cpp_layout_gives_the_same_logits(tmp_path, family):
+    import transformers
+
+    from models.gguf import load_gguf
+
+    d = make_family_hf(tmp_path / "hf", family, **GGUF_OVERRIDES[family])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    write_llama_cpp_gguf(tmp_path / "m.gguf", family, d)
+    args, sd, _ = load_gguf(tmp_path / "m.gguf")
+    hf_args = load_checkpoint("hf", d)[0]
+    for field in ("model_type", "layer_types", "sliding_window", "rope_scaling", "partial_rotary_factor", "qk_norm"):
+        assert getattr(args, field) == getattr(hf_args, field), field
+    model = Transformer(args).eval()
+    check_and_load(model, sd, tmp_path / "m.gguf")
+    x = torch.randint(0, 259, (2, 100))  # past every window; Phi-3 past LongRoPE's 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x[:, :40]), ref(x[:, :40]).logits, atol=1e-5, rtol=1e-5)
