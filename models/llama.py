@@ -63,8 +63,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxim
 @dataclass
 class ModelArgs:
     """The model's schema. Field names mirror HF `config.json` (LlamaConfig, MistralConfig, Qwen2Config,
-    Qwen3Config, Gemma2Config, Gemma3TextConfig, Phi3Config) where one exists; `from_hf_config` fills the rest from
-    the family (`model_type`)."""
+    Qwen3Config, Gemma2Config, Gemma3TextConfig, Phi3Config) where one exists;
+    `models.checkpoint.args_from_hf_config` reads a config.json and fills the rest from the family (`model_type`)."""
 
     vocab_size: int
     hidden_size: int
@@ -146,99 +146,6 @@ class ModelArgs:
         if unknown:
             raise ValueError(f"unknown ModelArgs keys {unknown}; valid keys: {sorted(known)}")
         return cls(**d)
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> ModelArgs:
-        """A filtered pass-through of an HF `config.json`, plus what its `model_type` implies (`_FAMILIES`)."""
-        kind = cfg.get("model_type", "llama")
-        if kind not in ARCHITECTURES:
-            raise ValueError(
-                f"config.json model_type {kind!r} is not supported ({', '.join(ARCHITECTURES)}); "
-                "for Gemma 3 take the text-only Gemma3ForCausalLM checkpoints (model_type gemma3_text)"
-            )
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in cfg.items() if k in known}
-        d["model_type"] = kind
-        d["hidden_act"] = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
-        d.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-        d.setdefault("tie_word_embeddings", False)
-        d.update(_hf_rope(cfg, kind))
-        d["layer_types"] = _hf_layer_types(cfg, kind)
-        if d["layer_types"] is None:
-            d["sliding_window"] = None
-        d.update(_FAMILIES[kind](cfg))
-        return cls(**d)
-
-
-def _hf_rope(cfg: dict, kind: str) -> dict:
-    """rope_theta, rope_scaling, rope_local_base_freq and partial_rotary_factor from either config.json layout:
-    transformers < 5 (rope_theta, rope_scaling, rope_local_base_freq) or >= 5 (`rope_parameters`, per layer type
-    for Gemma 3)."""
-    rp = cfg.get("rope_parameters") or {}
-    full, local = (rp.get("full_attention"), rp.get("sliding_attention")) if "full_attention" in rp else (rp, None)
-    full = full or {}
-    gemma3 = kind == "gemma3_text"  # HF's defaults when absent: 1e6 global, 1e4 local
-    theta = full.get("rope_theta", cfg.get("rope_theta", 1e6 if gemma3 else 10000.0))
-    local_theta = (local or {}).get("rope_theta", cfg.get("rope_local_base_freq", 10000.0 if gemma3 else None))
-    if local and local.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json: RoPE scaling on sliding layers ({local}) is not supported")
-    skip = ("rope_theta", "partial_rotary_factor")
-    scaling = {k: v for k, v in full.items() if k not in skip} if rp else cfg.get("rope_scaling")
-    if scaling:
-        scaling = dict(scaling)
-        scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
-        if kind == "phi3" and scaling["rope_type"] in ("su", "yarn"):  # Phi-3's old names for longrope
-            scaling["rope_type"] = "longrope"
-        if scaling["rope_type"] in ("yarn", "longrope"):
-            # Phi-3 keeps the pretraining length outside the scaling dict, and transformers prefers that one.
-            orig = cfg.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
-            scaling["original_max_position_embeddings"] = orig or cfg["max_position_embeddings"]
-    if not scaling or scaling["rope_type"] == "default":
-        scaling = None
-    prf = full.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    return dict(rope_theta=theta, rope_scaling=scaling, rope_local_base_freq=local_theta, partial_rotary_factor=prf)
-
-
-def _hf_layer_types(cfg: dict, kind: str) -> list[str] | None:
-    """Which layers slide, as transformers decides it per family; None when none does."""
-    n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
-    every = None  # a full-attention layer every `every` layers, the others sliding
-    if cfg.get("layer_types"):
-        types = list(cfg["layer_types"])
-    elif kind == "gemma2":
-        every = 2
-    elif kind == "gemma3_text":
-        every = cfg.get("sliding_window_pattern", 6)
-    elif kind in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
-        types = ["sliding_attention" if i >= cfg["max_window_layers"] else "full_attention" for i in range(n)]
-    elif kind in ("mistral", "phi3") and window:
-        types = ["sliding_attention"] * n
-    else:
-        return None
-    if every is not None:
-        types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
-    return types if "sliding_attention" in types else None
-
-
-def _gemma(cfg: dict) -> dict:
-    return dict(
-        norm_plus_one=True,
-        post_norms=True,
-        embedding_multiplier=cfg["hidden_size"] ** 0.5,
-        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
-    )
-
-
-# What each HF family's config.json leaves implicit.
-_FAMILIES = {
-    "llama": lambda cfg: {},
-    "mistral": lambda cfg: {},
-    "qwen2": lambda cfg: dict(qkv_bias=True, attention_bias=False),
-    "qwen3": lambda cfg: dict(qk_norm=True),
-    "gemma2": _gemma,
-    "gemma3_text": lambda cfg: dict(_gemma(cfg), qk_norm=True),
-    "phi3": lambda cfg: {},
-}
 
 
 def rope_frequencies(args: ModelArgs, layer_type: str = "full_attention", long: bool = False) -> torch.Tensor:

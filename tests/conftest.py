@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 import conf
+from models.checkpoint import args_from_hf_config
 from models.llama import ModelArgs, Transformer
 
 CONF_DIR = Path(conf.__file__).parent.resolve()
@@ -216,9 +217,9 @@ def family_hf_config(family: str, **overrides):
 
 
 def family_args(family: str, **overrides) -> ModelArgs:
-    """Our ModelArgs of FAMILY_HF[family] (read through from_hf_config), with `overrides`."""
+    """Our ModelArgs of FAMILY_HF[family] (read through args_from_hf_config), with `overrides`."""
     d = family_hf_config(family).to_dict()
-    return ModelArgs(**{**ModelArgs.from_hf_config(d).to_dict(), **overrides})
+    return ModelArgs(**{**args_from_hf_config(d).to_dict(), **overrides})
 
 
 def make_family_hf(directory: Path, family: str, **overrides) -> Path:

@@ -13,9 +13,17 @@ import pytest
 import torch
 from conftest import FAMILY_HF, family_args, make_family_hf
 
-from models.checkpoint import check_and_load, from_hf_state_dict, hf_config, load_checkpoint, save_hf, to_hf_state_dict
+from models.checkpoint import (
+    args_from_hf_config,
+    check_and_load,
+    from_hf_state_dict,
+    hf_config,
+    load_checkpoint,
+    save_hf,
+    to_hf_state_dict,
+)
 from models.generate import generate
-from models.llama import ModelArgs, SandwichBlock, Transformer
+from models.llama import SandwichBlock, Transformer
 from models.tokenizer import Tokenizer
 
 
@@ -183,7 +191,7 @@ def test_phi3_split_and_fuse_are_inverse():
         from_hf_state_dict(args, {"model.layers.0.self_attn.qkv_proj.weight": torch.randn(5, 64)})
 
 
-# The shipped config.json files (field values from their hub pages), transformers-4 layout: what from_hf_config must
+# The shipped config.json files (field values from their hub pages), transformers-4 layout: what args_from_hf_config must
 # read without transformers' help.
 GEMMA3_1B = dict(
     model_type="gemma3_text",
@@ -245,15 +253,15 @@ PHI4_MINI = dict(
 
 
 def test_real_config_layouts():
-    g = ModelArgs.from_hf_config(GEMMA3_1B)
+    g = args_from_hf_config(GEMMA3_1B)
     full = [i for i, t in enumerate(g.layer_types) if t == "full_attention"]
     assert full == [5, 11, 17, 23] and g.sliding_window == 512 and g.rope_local_base_freq == 10000.0
     assert g.norm_plus_one and g.post_norms and g.qk_norm and g.embedding_multiplier == 1152**0.5
     assert g.hidden_act == "gelu_pytorch_tanh" and g.query_pre_attn_scalar == 256
-    q = ModelArgs.from_hf_config(QWEN3_0_6B)
+    q = args_from_hf_config(QWEN3_0_6B)
     assert q.qk_norm and not q.post_norms and q.layer_types is None and q.sliding_window is None
     assert q.head_dim == 128 and q.dim_head == 128
-    p = ModelArgs.from_hf_config(PHI4_MINI)
+    p = args_from_hf_config(PHI4_MINI)
     assert p.rotary_dim == 96 and p.rope_scaling["rope_type"] == "longrope"
     assert p.rope_scaling["original_max_position_embeddings"] == 4096
     assert p.layer_types == ["sliding_attention"] * 32 and p.sliding_window == 262144  # wider than the context
@@ -261,12 +269,12 @@ def test_real_config_layouts():
         assert isinstance(Transformer(g).model.layers[0], SandwichBlock)
     for args in (g, q, p):
         cfg = hf_config(args)
-        assert ModelArgs.from_hf_config(cfg) == args
+        assert args_from_hf_config(cfg) == args
 
 
 def test_multimodal_gemma3_is_a_clear_error():
     with pytest.raises(ValueError, match="gemma3_text"):
-        ModelArgs.from_hf_config(dict(GEMMA3_1B, model_type="gemma3"))
+        args_from_hf_config(dict(GEMMA3_1B, model_type="gemma3"))
 
 
 # --- GGUF in llama.cpp's converter layout ---------------------------------------------------------------------
