@@ -103,9 +103,15 @@ class ModelArgs:
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            rs = self.rope_scaling
+            kind = rs.get("rope_type", rs.get("type"))
             if kind not in ROPE_TYPES:
                 raise ValueError(f"model.rope_scaling type {kind!r} is not supported ({', '.join(ROPE_TYPES)})")
+            if kind in ("yarn", "longrope") and "original_max_position_embeddings" not in rs:
+                raise ValueError(f"model.rope_scaling ({kind}) needs original_max_position_embeddings")
+            half = int(self.dim_head * self.partial_rotary_factor) // 2
+            if kind == "longrope" and not len(rs.get("short_factor", ())) == len(rs.get("long_factor", ())) == half:
+                raise ValueError(f"model.rope_scaling (longrope) needs short_factor and long_factor of {half} values")
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"model.model_type={self.model_type!r} is not supported ({', '.join(ARCHITECTURES)})")
         if self.hidden_act not in ACTIVATIONS:
