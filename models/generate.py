@@ -1,4 +1,4 @@
-"""Decoding for `models.llama.Transformer`: a batch of token-id prompts completed with one static KV cache.
+"""Decoding for `models.llama.Transformer` (every family): a batch of token-id prompts completed with one static KV cache.
 
     results = generate(model, tokenizer, [ids, ...], max_new_tokens=32, temperature=0.0, top_k=None, top_p=1.0,
                        stop_ids=tokenizer.stop_ids, stop_strings=[], generator=None)
@@ -6,6 +6,9 @@
 Prompts of different lengths are left-padded into one cache (cache slot == column of the padded batch): padded
 keys are masked and each row gets its own RoPE positions, so every row decodes as it would alone. The prompt runs
 in one eager prefill; each further token is one decode step of shape [B, 1], optionally through torch.compile.
+Sliding-window layers use the same full-length cache (their mask hides keys older than the window). A LongRoPE
+model (Phi-3) whose sequence first reaches past the pretraining length recomputes its cache once, eagerly, with the
+long factors (`Transformer.rope_switch`), as transformers' Phi-3 generation does.
 Sampling: `temperature` 0 is greedy (argmax; the generator is unused), otherwise softmax sampling restricted by
 `top_k` (None: off) and `top_p` (1.0: off). A row ends at a stop id, at a stop string (cut from its text) or after
 `max_new_tokens`.
