@@ -381,3 +381,19 @@ def test_gguf_in_llama_cpp_layout_gives_the_same_logits(tmp_path, family):
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(x[:, :40]), ref(x[:, :40]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen3_with_yarn_scaling_matches_transformers(tmp_path):
+    """Qwen3's documented long-context setting: YaRN on top of its RoPE (attention factor on cos/sin included)."""
+    import transformers
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    d = make_family_hf(tmp_path / "hf", "qwen3", rope_parameters=yarn)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    args, sd, _, _ = load_checkpoint("hf", d)
+    assert args.rope_scaling["rope_type"] == "yarn"
+    model = Transformer(args).eval()
+    check_and_load(model, sd, d)
+    x = torch.randint(0, 259, (2, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-5, rtol=1e-5)
