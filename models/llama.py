@@ -328,8 +328,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, kvh * d, bias=qkv_bias)
         self.v_proj = nn.Linear(args.hidden_size, kvh * d, bias=qkv_bias)
         self.o_proj = nn.Linear(h * d, args.hidden_size, bias=args.attention_bias)
-        if args.qk_norm:  # Qwen3, Gemma 3: per-head norms of queries and keys
-            self.q_norm, self.k_norm = make_norm(args, d), make_norm(args, d)
+        # Qwen3, Gemma 3: per-head norms of queries and keys (None: no parameters, HF's keys unchanged)
+        self.q_norm = make_norm(args, d) if args.qk_norm else None
+        self.k_norm = make_norm(args, d) if args.qk_norm else None
         self.n_heads, self.n_kv_heads, self.head_dim = h, kvh, d
         # None: SDPA's default 1/sqrt(head_dim)
         self.scale = None if args.query_pre_attn_scalar is None else args.query_pre_attn_scalar**-0.5
@@ -341,7 +342,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, KVH, T, D]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
