@@ -74,11 +74,12 @@ def main() -> None:
     result = {"machine": machine(), "settings": {"windows": S, "seqlen": T, "sink_weight": a.sink_weight, **q}}
     blocks = []
     with Clock() as clock, torch.no_grad():
-        x = model.model.embed_tokens(ids)
-        cos, sin = model.rope(torch.arange(T)[None], x.dtype)
+        x = model.embed(ids)
+        layer_inputs = model.layer_inputs(torch.arange(T)[None], x.dtype)
         for i, block in enumerate(model.model.layers):
+            cos, sin, mask = layer_inputs[block.layer_type]
             norms = x.float().norm(dim=-1)  # [S, T]
-            received = attention_received(block, x, cos, sin)  # [S, T], each row sums to T
+            received = attention_received(block, x, cos, sin, mask)  # [S, T], each row sums to T
             inputs: dict[str, torch.Tensor] = {}
             hooks = [
                 block.get_submodule(names[0]).register_forward_pre_hook(
@@ -86,7 +87,7 @@ def main() -> None:
                 )
                 for key, names in INPUTS.items()
             ]
-            out = block(x, cos, sin)
+            out = block(x, cos, sin, mask)
             for h in hooks:
                 h.remove()
             row = {

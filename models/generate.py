@@ -1,4 +1,4 @@
-"""Decoding for `models.llama.Transformer`: a batch of token-id prompts completed with one static KV cache.
+"""Decoding for `models.llama.Transformer` (every family): a batch of token-id prompts completed with one static KV cache.
 
     results = generate(model, tokenizer, [ids, ...], max_new_tokens=32, temperature=0.0, top_k=None, top_p=1.0,
                        stop_ids=tokenizer.stop_ids, stop_strings=[], generator=None)
@@ -6,6 +6,9 @@
 Prompts of different lengths are left-padded into one cache (cache slot == column of the padded batch): padded
 keys are masked and each row gets its own RoPE positions, so every row decodes as it would alone. The prompt runs
 in one eager prefill; each further token is one decode step of shape [B, 1], optionally through torch.compile.
+Sliding-window layers use the same full-length cache (their mask hides keys older than the window). A LongRoPE
+model (Phi-3) whose sequence first reaches past the pretraining length recomputes its cache once, eagerly, with the
+long factors (`Transformer.rope_switch`), as transformers' Phi-3 generation does.
 Sampling: `temperature` 0 is greedy (argmax; the generator is unused), otherwise softmax sampling restricted by
 `top_k` (None: off) and `top_p` (1.0: off). A row ends at a stop id, at a stop string (cut from its text) or after
 `max_new_tokens`.
@@ -222,10 +225,21 @@ def generate(
             step, compile_s = _compiled_step(model, batch, tok)
         t1 = time.perf_counter()
         n_steps = 0
+        fed = [batch.ids]  # every token in the cache so far, for the LongRoPE re-prefill
         for i in range(1, max_new_tokens):
             if done:
                 break
-            logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
+            fed.append(tok[:, None])
+            if model.rope_switch is not None and P <= model.rope_switch == P + i - 1:
+                # The first position past LongRoPE's pretraining length switches every rotation to the long factors:
+                # recompute the cache over the whole sequence once (eager), as transformers' Phi-3 generation does.
+                done_slots = batch.slots[: P + i]
+                ids = torch.cat(fed, 1)  # [B, P + i]
+                pos = batch.position_ids(done_slots)
+                logits = model(ids, input_pos=done_slots, position_ids=pos, key_padding_mask=batch.key_padding_mask)
+                logits = logits[:, -1:]
+            else:
+                logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
             tok = sample(logits[:, -1])
             done = rows.take(tok.tolist())
             n_steps += 1

@@ -4,11 +4,16 @@ and a `Tokenizer` rebuilt from the file's metadata.
     args, state_dict, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
 
 What it does, in order:
-- `ModelArgs` from the `<arch>.*` metadata (architectures `llama` and `qwen2`); `tie_word_embeddings` is true
-  when the file has no `output.weight`; the vocabulary size is `<arch>.vocab_size`, else the token list length.
+- `ModelArgs` from the `<arch>.*` metadata (architectures `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`;
+  what llama.cpp hard-codes per architecture, such as Gemma's sliding-layer pattern, is in `_FAMILY_ARGS`);
+  `tie_word_embeddings` is true when the file has no `output.weight`; the vocabulary size is `<arch>.vocab_size`,
+  else the token list length.
 - Every tensor is dequantized to float32 with gguf-py's `gguf.quants.dequantize` (types in `SUPPORTED_TYPES`, each
-  one checked in tests/models/test_gguf.py), renamed to HF keys (`_BLOCK_NAMES`), and for `llama` the q/k rows are
+  one checked in tests/models/test_gguf.py), renamed to HF keys (`_block_names`), and for `llama` the q/k rows are
   put back in HF order (llama.cpp's convert_hf_to_gguf.py interleaves the two rotary halves; see `_unpermute`).
+  Gemma files store every norm weight with Gemma's +1 already added (the converter's modify_tensors): it is taken
+  off again. Phi-3's fused attn_qkv / ffn_up (gate and up) are split as its HF checkpoints are
+  (models.checkpoint.from_hf_state_dict); its LongRoPE factors come from the rope_factors_long/short tensors.
 - The tokenizer is rebuilt as a `tokenizers.Tokenizer` the way transformers' GGUF loader builds it, so ids match
   `AutoTokenizer.from_pretrained(dir, gguf_file=...)`: byte-level BPE for `tokenizer.ggml.model == "gpt2"`
   (SmolLM2, Llama 3, Qwen2) and SentencePiece-style BPE with byte fallback for `"llama"` (Llama 2, Mistral).
@@ -20,6 +25,7 @@ quantization type raises ValueError naming the file and the tensor.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -32,12 +38,14 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from models.checkpoint import from_hf_state_dict, to_hf_state_dict
 from models.llama import ModelArgs, Transformer, rope_frequencies
 from models.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+_GEMMA = ("gemma2", "gemma3")  # norm weights stored as 1 + HF's weight
 
 # llama.cpp tensor name inside block N (`blk.N.<name>`) -> HF name inside `model.layers.N.` (llama.cpp's
 # gguf-py/gguf/tensor_mapping.py lists the same pairs from the other side).
@@ -53,6 +61,25 @@ _BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Where an architecture's names differ (gguf-py's tensor_mapping.py: Gemma's ffn_norm is its pre-feedforward norm and
+# post_attention_norm the attention's output norm; Phi-3's fused tensors keep HF's fused names until split).
+_ARCH_NAMES = {
+    "qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "gemma2": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
+_ARCH_NAMES["gemma3"] = {**_ARCH_NAMES["gemma2"], **_ARCH_NAMES["qwen3"]}
+# Extra tensors an architecture's metadata is read from rather than loaded as weights.
+_META_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _block_names(arch: str) -> dict[str, str]:
+    return {**_BLOCK_NAMES, **_ARCH_NAMES.get(arch, {})}
+
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type enum).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -121,7 +148,7 @@ def _model_args(meta: _Metadata, arch: str, tensors: dict) -> ModelArgs:
     heads = meta.get(f"{arch}.attention.head_count")
     # Absent keys take llama.cpp's own defaults for them (llama-model.cpp): MHA and a RoPE base of 10000.
     key_length = meta.get(f"{arch}.attention.key_length", None)
-    args = ModelArgs(
+    fields = dict(
         vocab_size=meta.get(f"{arch}.vocab_size", len(meta.fields["tokenizer.ggml.tokens"].data)),
         hidden_size=hidden,
         intermediate_size=meta.get(f"{arch}.feed_forward_length"),
@@ -137,11 +164,103 @@ def _model_args(meta: _Metadata, arch: str, tensors: dict) -> ModelArgs:
         attention_bias=arch == "llama" and "blk.0.attn_q.bias" in tensors,
         qkv_bias=arch == "qwen2",
     )
+    if arch in _FAMILY_ARGS:
+        fields.update(_FAMILY_ARGS[arch](meta, arch, tensors))
+    args = ModelArgs(**fields)
     if "rope_freqs.weight" in tensors:
         args = replace(
             args, rope_scaling=_llama3_scaling(meta.path, args, _read(meta.path, tensors["rope_freqs.weight"]))
         )
     return args
+
+
+def _optional(meta: _Metadata, key: str) -> float | None:
+    value = meta.get(key, None)
+    return None if value is None or value == 0 else _decimal(value)
+
+
+def _query_scalar(meta: _Metadata, arch: str, n_layer_27b: int) -> float:
+    """What Gemma scales the scores by, as llama.cpp derives it (llama-model.cpp, after gemma_pytorch's config.py):
+    hidden_size / heads for the 27B models (identified by their layer count), head_dim for every other size."""
+    hidden, heads = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.attention.head_count")
+    if meta.get(f"{arch}.block_count") == n_layer_27b:
+        return hidden // heads
+    return meta.get(f"{arch}.attention.key_length", hidden // heads)
+
+
+def _gemma(meta: _Metadata, arch: str, every: int) -> dict:
+    """Gemma 2/3's fields; llama.cpp makes every `every`-th layer global, the others sliding (set_swa_pattern)."""
+    n = meta.get(f"{arch}.block_count")
+    window = meta.get(f"{arch}.attention.sliding_window", 0)
+    types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+    return dict(
+        hidden_act="gelu_pytorch_tanh",
+        norm_plus_one=True,
+        post_norms=True,
+        embedding_multiplier=meta.get(f"{arch}.embedding_length") ** 0.5,
+        final_logit_softcapping=_optional(meta, f"{arch}.final_logit_softcapping"),
+        sliding_window=window or None,
+        layer_types=types if window else None,
+    )
+
+
+def _gemma2_args(meta: _Metadata, arch: str, tensors: dict) -> dict:
+    return dict(
+        _gemma(meta, arch, every=2),
+        model_type="gemma2",
+        attn_logit_softcapping=_optional(meta, f"{arch}.attn_logit_softcapping"),
+        query_pre_attn_scalar=_query_scalar(meta, arch, n_layer_27b=46),
+    )
+
+
+def _gemma3_args(meta: _Metadata, arch: str, tensors: dict) -> dict:
+    # llama.cpp's sliding layers use RoPE base 10000 unscaled unless the file says otherwise (rope.freq_base_swa).
+    return dict(
+        _gemma(meta, arch, every=6),
+        model_type="gemma3_text",
+        qk_norm=True,
+        query_pre_attn_scalar=_query_scalar(meta, arch, n_layer_27b=62),
+        rope_local_base_freq=_decimal(meta.get(f"{arch}.rope.freq_base_swa", 10000.0)),
+    )
+
+
+def _phi3_args(meta: _Metadata, arch: str, tensors: dict) -> dict:
+    """Phi-3: partial rotary dims (rope.dimension_count), every layer sliding when sliding_window > 0 (as
+    transformers runs it; the converter writes 0 for none), LongRoPE from the two factor tensors."""
+    heads, hidden = meta.get(f"{arch}.attention.head_count"), meta.get(f"{arch}.embedding_length")
+    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
+    n, window = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.attention.sliding_window", 0)
+    out = dict(
+        model_type="phi3",
+        partial_rotary_factor=meta.get(f"{arch}.rope.dimension_count", head_dim) / head_dim,
+        sliding_window=window or None,
+        layer_types=["sliding_attention"] * n if window else None,
+    )
+    if "rope_factors_long.weight" in tensors:
+        orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+        scaling = {
+            "rope_type": "longrope",
+            "short_factor": [_decimal(f) for f in _read(meta.path, tensors["rope_factors_short.weight"]).tolist()],
+            "long_factor": [_decimal(f) for f in _read(meta.path, tensors["rope_factors_long.weight"]).tolist()],
+            "original_max_position_embeddings": orig,
+        }
+        factor = _decimal(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0))
+        # Keep the file's attention factor only where it is not the one LongRoPE derives from the lengths.
+        derived = math.sqrt(1 + math.log(meta.get(f"{arch}.context_length") / orig) / math.log(orig))
+        if abs(factor - derived) > 1e-6 * derived:
+            scaling["attention_factor"] = factor
+        out["rope_scaling"] = scaling
+    return out
+
+
+# ModelArgs fields per architecture beyond the shared keys (what llama.cpp's hparams loader fixes per arch).
+_FAMILY_ARGS = {
+    "qwen2": lambda meta, arch, tensors: dict(model_type="qwen2"),
+    "qwen3": lambda meta, arch, tensors: dict(model_type="qwen3", qk_norm=True),
+    "gemma2": _gemma2_args,
+    "gemma3": _gemma3_args,
+    "phi3": _phi3_args,
+}
 
 
 def _decimal(x: float) -> float:
@@ -184,11 +303,12 @@ def _llama3_scaling(path: Path, args: ModelArgs, rope_freqs: np.ndarray) -> dict
 # --- tensors -------------------------------------------------------------------------------------------------
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: str) -> str | None:
     stem, _, suffix = name.rpartition(".")  # "blk.3.attn_q", "weight"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
+    names = _block_names(arch)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
     if stem in _TOP_NAMES:
         return f"{_TOP_NAMES[stem]}.{suffix}"
     return None
@@ -275,12 +395,12 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _state_dict(path: Path, arch: str, args: ModelArgs, tensors: dict) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    with torch.device("meta"):  # in the file's (HF) layout: Phi-3's fused tensors whole
+        expected = {k: tuple(v.shape) for k, v in to_hf_state_dict(args, Transformer(args).state_dict()).items()}
     gguf_name = {}
     for name in tensors:
-        hf = _hf_name(name)
-        if hf is None and name != "rope_freqs.weight":  # rope_freqs was folded into args.rope_scaling
+        hf = _hf_name(name, arch)
+        if hf is None and name not in _META_TENSORS:  # those were folded into args.rope_scaling
             raise ValueError(f"{path}: unexpected tensor {name!r}: not a {arch} tensor this loader knows")
         if hf is not None:
             if hf not in expected:
@@ -297,8 +417,10 @@ def _state_dict(path: Path, arch: str, args: ModelArgs, tensors: dict) -> dict[s
             raise ValueError(f"{path}: tensor {name!r} has shape {w.shape}, ModelArgs need {shape} for {hf!r}")
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             w = _unpermute(w, args.num_attention_heads if ".attn_q." in name else args.num_key_value_heads)
+        if arch in _GEMMA and name.endswith("norm.weight"):
+            w = w - 1  # the converter stored 1 + weight (Gemma's RMSNorm scales by 1 + weight)
         sd[hf] = torch.from_numpy(w)
-    return sd
+    return from_hf_state_dict(args, sd)
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------

@@ -31,11 +31,13 @@ the paper's Algorithm 1 needs. Steps, as in the paper and its reference code (IS
   the group size with zero columns whose H rows and columns are zero (their inputs are always 0); they are dead, decoupled from the real columns, and
   quantize to exactly 0, so padding changes nothing for the real columns.
 
-`gptq_quantize_model` runs the sequential recipe over a `models.llama.Transformer`: embed the calibration batch,
-then per decoder block capture each linear's Hessian with forward pre-hooks (one fp32 matmul per chunk),
-quantize, and feed the batch through the quantized block to produce the next block's inputs. The block runs only
-through its own methods (`Block.attn_branch`, `mlp_branch`, `finish_attn`, `finish_mlp`, `attention_probs`):
-this file never re-writes its norms, residual adds or attention. With
+`gptq_quantize_model` runs the sequential recipe over a `models.llama.Transformer` of any family: embed the
+calibration batch (`Transformer.embed`), then per decoder block capture each linear's Hessian with forward pre-hooks
+(one fp32 matmul per chunk), quantize, and feed the batch through the quantized block to produce the next block's
+inputs. The block runs only through its own methods (`Block.attn_branch`, `mlp_branch`, `finish_attn`,
+`finish_mlp`, `attention_probs`) with the RoPE and mask of its layer type (`Transformer.layer_inputs`: a sliding
+layer sees only its window, Gemma 3's local layers their own RoPE base): this file never re-writes its norms,
+residual adds or attention, and the norms (Gemma's four per block, Qwen3's q/k norms) are never quantized. With
 `true_sequential` the groups q/k/v, o, gate/up, down are quantized in turn, each calibrated on the outputs of the
 already-quantized groups (see `_sequential_block` for how this avoids re-running the whole block per group).
 Memory holds a few [nsamples, seqlen, hidden] activation buffers of one block; the block runs in chunks of about
@@ -93,7 +95,8 @@ _CHUNK_TOKENS = 8192
 CPU_SOLVE_DTYPE = torch.float64  # the default of gptq_quantize_model(cpu_solve_dtype=...)
 
 # The linears of models.llama.Block in call order, grouped as the reference's --true-sequential: each group is
-# quantized before the inputs of the next group are captured.
+# quantized before the inputs of the next group are captured. Every family has these same linears (Phi-3's fused
+# qkv_proj / gate_up_proj are split when its checkpoint loads, models/checkpoint.py).
 _SEQUENTIAL_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
@@ -396,7 +399,7 @@ def _quantize_group(block: nn.Module, index: int, names, hessians, solver: _Solv
             results[name] = res
 
 
-def _sequential_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) -> torch.Tensor:
+def _sequential_block(block, index, x, cos, sin, mask, chunk, knobs, results, sqrt_w) -> torch.Tensor:
     """true_sequential: q/k/v, then o, then gate/up, then down, each calibrated on its quantized predecessors.
 
     The reference re-runs the whole block for each group. Here each capture runs only the residual branch it
@@ -410,7 +413,7 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) 
     qkv, o, gate_up, down = _SEQUENTIAL_GROUPS
 
     def run_attn(s, e):
-        block.attn_branch(x[s:e], cos, sin)
+        block.attn_branch(x[s:e], cos, sin, mask)
 
     hessians, _ = _capture(block, qkv, run_attn, n_seq, chunk, sqrt_w)
     _quantize_group(block, index, qkv, hessians, knobs, results)
@@ -433,21 +436,24 @@ def _sequential_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) 
     return h
 
 
-def _all_at_once_block(block, index, x, cos, sin, chunk, knobs, results, sqrt_w) -> torch.Tensor:
+def _all_at_once_block(block, index, x, cos, sin, mask, chunk, knobs, results, sqrt_w) -> torch.Tensor:
     """Not true_sequential: every linear calibrated on the float block's inputs, as the reference's default."""
     names = sum(_SEQUENTIAL_GROUPS, ())
     n_seq = x.shape[0]
-    hessians, _ = _capture(block, names, lambda s, e: block(x[s:e], cos, sin), n_seq, chunk, sqrt_w)
+    hessians, _ = _capture(block, names, lambda s, e: block(x[s:e], cos, sin, mask), n_seq, chunk, sqrt_w)
     _quantize_group(block, index, names, hessians, knobs, results)
     out = torch.empty_like(x)
     for s in range(0, n_seq, chunk):
-        out[s : s + chunk] = block(x[s : s + chunk], cos, sin)
+        out[s : s + chunk] = block(x[s : s + chunk], cos, sin, mask)
     return out
 
 
-def attention_received(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """[S, T]: how much attention each token receives in `block`'s (causal) self-attention on inputs x [S, T, C],
-    summed over the queries and averaged over the heads, so each sequence's row sums to T (mean 1 per token).
+def attention_received(
+    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[S, T]: how much attention each token receives in `block`'s self-attention on inputs x [S, T, C] (under
+    `mask`, [1, 1, T, T] from `Transformer.layer_inputs`; None: causal), summed over the queries and averaged over
+    the heads, so each sequence's row sums to T (mean 1 per token).
 
     The attention sink (position 0) receives most of every query's attention: its value is near T times the
     share it gets, hundreds for 1024-token windows, where later tokens receive about 1 or less.
@@ -455,12 +461,12 @@ def attention_received(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
     S, T, _ = x.shape
     out = torch.empty(S, T, dtype=torch.float32, device=x.device)
     for s in range(S):  # one sequence at a time: the probabilities are [H, T, T]
-        out[s] = block.attention_probs(x[s : s + 1], cos, sin).sum(2).mean(1)[0]
+        out[s] = block.attention_probs(x[s : s + 1], cos, sin, mask).sum(2).mean(1)[0]
     return out
 
 
 def token_weights(
-    block: nn.Module, x: torch.Tensor, cos, sin, sink_weight: float, attention_weight: bool
+    block: nn.Module, x: torch.Tensor, cos, sin, sink_weight: float, attention_weight: bool, mask=None
 ) -> torch.Tensor | None:
     """[S, T] weight of each calibration token in `block`'s Hessians, or None when every token counts once.
 
@@ -471,7 +477,7 @@ def token_weights(
     if sink_weight == 1 and not attention_weight:
         return None
     S, T = x.shape[:2]
-    w = attention_received(block, x, cos, sin) if attention_weight else torch.ones(S, T, device=x.device)
+    w = attention_received(block, x, cos, sin, mask) if attention_weight else torch.ones(S, T, device=x.device)
     w[:, 0] *= sink_weight
     return w
 
@@ -507,13 +513,16 @@ def gptq_quantize_model(
     chunk = max(1, _CHUNK_TOKENS // seqlen)
     t0 = time.perf_counter()
     with torch.no_grad():
-        x = embed(calib_ids.to(device))  # [S, T, C]
-        cos, sin = model.rope(torch.arange(seqlen, device=device)[None], dtype)  # [1, 1, T, D], broadcast over S
+        x = model.embed(calib_ids.to(device))  # [S, T, C]
+        # per layer type: cos, sin [1, 1, T, D] and mask [1, 1, T, T] or None, broadcast over S
+        inputs = model.layer_inputs(torch.arange(seqlen, device=device)[None], dtype)
         layers = model.model.layers
         for i, block in enumerate(tqdm(layers, desc="gptq", unit="block", disable=not progress)):
             results: dict[str, GPTQResult] = {}
-            w = token_weights(block, x, cos, sin, qcfg["sink_weight"], qcfg["attention_weight"])
-            x = quantize_block(block, i, x, cos, sin, chunk, knobs, results, None if w is None else w.sqrt())
+            cos, sin, mask = inputs[block.layer_type]
+            w = token_weights(block, x, cos, sin, qcfg["sink_weight"], qcfg["attention_weight"], mask)
+            sqrt_w = None if w is None else w.sqrt()
+            x = quantize_block(block, i, x, cos, sin, mask, chunk, knobs, results, sqrt_w)
             for name, res in results.items():
                 linear = block.get_submodule(name)
                 qlinear = Int4WeightOnlyLinear.from_quantized(

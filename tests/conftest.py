@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 import conf
+from models.checkpoint import args_from_hf_config
 from models.llama import ModelArgs, Transformer
 
 CONF_DIR = Path(conf.__file__).parent.resolve()
@@ -137,6 +138,104 @@ def make_tiny_hf(directory: Path, kind: str = "llama", **overrides) -> Path:
     }[kind]
     torch.manual_seed(0)
     model = cls[1](cls[0](**common)).eval()
+    model.save_pretrained(directory)
+    Tokenizer.bytes().save(directory)
+    return directory
+
+
+# The other families' tiny configs for transformers' own classes: {family: (class prefix, config overrides)}. Each
+# exercises what sets its family apart: a head_dim unlike hidden/heads, sliding layers with windows far shorter than
+# the tests' sequences, score scaling unlike head_dim, soft-capping that bites (Gemma 2), per-type RoPE with scaling
+# on the global layers (Gemma 3), partial rotary dims with LongRoPE and a 64-token pretraining length (Phi-3).
+FAMILY_HF = {
+    "qwen3": (
+        "Qwen3",
+        dict(head_dim=32, tie_word_embeddings=True, use_sliding_window=True, sliding_window=12, max_window_layers=1),
+    ),
+    "gemma2": (
+        "Gemma2",
+        dict(
+            num_hidden_layers=4,
+            tie_word_embeddings=False,  # tied, this tiny model greedily repeats one token; the GGUF tests tie it
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=8,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=10.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3Text",
+        dict(
+            num_hidden_layers=6,  # Gemma 3's pattern: five sliding layers, then a global one
+            head_dim=16,
+            sliding_window=10,
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    ),
+    "phi3": (
+        "Phi3",
+        dict(
+            original_max_position_embeddings=64,
+            partial_rotary_factor=0.5,
+            rope_parameters={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 2.0],
+                "long_factor": [1.5, 2.0, 3.0, 4.0],
+                "rope_theta": 10000.0,
+            },
+            sliding_window=12,
+        ),
+    ),
+}
+_FAMILY_CLASS = {"Qwen3": "Qwen3", "Gemma2": "Gemma2", "Gemma3Text": "Gemma3", "Phi3": "Phi3"}
+
+
+def family_hf_config(family: str, **overrides):
+    """The transformers config of FAMILY_HF[family] at the tiny model's sizes, with `overrides`."""
+    import transformers
+
+    prefix = FAMILY_HF[family][0]
+    common = dict(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+        initializer_range=0.1,  # peakier than the default 0.02, so greedy decoding is no near-tie
+    )
+    return getattr(transformers, f"{prefix}Config")(**{**common, **FAMILY_HF[family][1], **overrides})
+
+
+def family_args(family: str, **overrides) -> ModelArgs:
+    """Our ModelArgs of FAMILY_HF[family] (read through args_from_hf_config), with `overrides`."""
+    d = family_hf_config(family).to_dict()
+    return ModelArgs(**{**args_from_hf_config(d).to_dict(), **overrides})
+
+
+def make_family_hf(directory: Path, family: str, **overrides) -> Path:
+    """A random tiny transformers model of `family` (norm weights moved off their init, so a misplaced or
+    mis-offset norm shows), saved with save_pretrained, with the byte tokenizer beside it."""
+    import transformers
+
+    from models.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    cls = getattr(transformers, f"{_FAMILY_CLASS[FAMILY_HF[family][0]]}ForCausalLM")
+    model = cls(family_hf_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(directory)
     Tokenizer.bytes().save(directory)
     return directory

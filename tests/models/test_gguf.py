@@ -383,7 +383,7 @@ def test_model_args_from_metadata(tmp_path, byte_level_vocab):
     [
         ("llama", dict(tie_word_embeddings=True)),  # GQA, tied: SmolLM2's shape
         ("llama", dict(tie_word_embeddings=False, num_key_value_heads=4)),  # MHA, untied
-        ("qwen2", dict(tie_word_embeddings=True, qkv_bias=True)),  # q/k/v bias, no permutation
+        ("qwen2", dict(tie_word_embeddings=True, qkv_bias=True, model_type="qwen2")),  # q/k/v bias, no permutation
     ],
     ids=["llama-gqa-tied", "llama-mha-untied", "qwen2"],
 )

@@ -228,7 +228,23 @@ def test_decode_without_cache_is_a_clear_error():
     "bad, match",
     [
         (dict(num_key_value_heads=3), "num_key_value_heads"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+        (dict(layer_types=["sliding_attention", "full_attention"]), "sliding_window"),
+        (dict(hidden_act="relu"), "hidden_act"),
+        (
+            dict(
+                rope_scaling={
+                    "rope_type": "longrope",
+                    "short_factor": [1.0],
+                    "long_factor": [1.0],
+                    "original_max_position_embeddings": 64,
+                }
+            ),
+            "8 values",
+        ),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "original_max_position_embeddings"),
+        (dict(partial_rotary_factor=0.3), "partial_rotary_factor"),
+        (dict(model_type="gpt2"), "model_type"),
     ],
 )
 def test_model_args_reject_bad_values(bad, match):

@@ -55,6 +55,17 @@ def tiny_model(**overrides) -> Transformer:
     return conftest.tiny_model(**{**QUANT_OVERRIDES, **overrides})
 
 
+FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3")
+
+
+def family_model(family: str) -> Transformer:
+    """A random tiny model of another family (conftest.FAMILY_HF's config) at the quantizer tests' sizes, in eval
+    mode: sliding windows (8-12) shorter than the 32-token calibration windows, so their masks take part."""
+    torch.manual_seed(0)
+    args = conftest.family_args(family, vocab_size=256, max_position_embeddings=128)
+    return Transformer(args).eval()
+
+
 def calib_ids(nsamples: int = 8, seqlen: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(1))
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from quant_helpers import calib_ids, dequantized_twin, gptq_cfg, tiny_model, token_ids
+from quant_helpers import FAMILIES, calib_ids, dequantized_twin, family_model, gptq_cfg, tiny_model, token_ids
 
 from models.checkpoint import load_checkpoint
 from models.llama import Transformer, apply_rope
@@ -213,17 +213,18 @@ def test_model_logits_match_dequantized_twin(cfg):
 
 
 def reference_driver(model, ids, cfg, chunk):
-    """The reference's sequential recipe, plainly: for each group re-run the whole `block(x, cos, sin)` with
-    hooks on the group's linears, quantize them, and finally re-run the quantized block. Returns the
-    GPTQResults by qualified name; the model keeps fake-quantized float weights."""
+    """The reference's sequential recipe, plainly: for each group re-run the whole `block(x, cos, sin, mask)` (the
+    RoPE and mask of its layer type) with hooks on the group's linears, quantize them, and finally re-run the
+    quantized block. Returns the GPTQResults by qualified name; the model keeps fake-quantized float weights."""
     keys = ("groupsize", "blocksize", "percdamp", "act_order", "static_groups", "sym", "scale_search")
     knobs = {k: cfg[k] for k in keys}
     groups = _SEQUENTIAL_GROUPS if cfg["true_sequential"] else (sum(_SEQUENTIAL_GROUPS, ()),)
     results = {}
     with torch.no_grad():
-        x = model.model.embed_tokens(ids)
-        cos, sin = model.rope(torch.arange(ids.shape[1])[None], x.dtype)
+        x = model.embed(ids)
+        layer_inputs = model.layer_inputs(torch.arange(ids.shape[1])[None], x.dtype)
         for i, block in enumerate(model.model.layers):
+            cos, sin, mask = layer_inputs[block.layer_type]
             # each calibration token counts as often as its weight: position 0 sink_weight times
             sqrt_w = torch.ones(ids.shape)
             sqrt_w[:, 0] = cfg["sink_weight"] ** 0.5
@@ -235,7 +236,7 @@ def reference_driver(model, ids, cfg, chunk):
                     )
                     for n in names
                 ]
-                block(x, cos, sin)
+                block(x, cos, sin, mask)
                 for h in handles:
                     h.remove()
                 for n in names:
@@ -248,7 +249,7 @@ def reference_driver(model, ids, cfg, chunk):
                         dequantize(res.q, res.scales, res.zeros, cfg["groupsize"], res.g_idx)[:, : linear.in_features]
                     )
                     results[f"model.layers.{i}.{n}"] = res
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
     return results
 
 
@@ -264,6 +265,42 @@ def test_driver_equals_rerunning_the_block(monkeypatch, true_sequential, chunk, 
         m = qmodel.get_submodule(name)
         assert torch.equal(m.qweight, pack_int4(res.q)), name
         assert torch.equal(m.scales, res.scales) and torch.equal(m.zeros, res.zeros), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_driver_equals_rerunning_the_block_in_every_family(monkeypatch, family, true_sequential):
+    """Each family's blocks (Gemma's sandwich norms, q/k norms, sliding-window masks, Gemma 3's local RoPE, Phi-3's
+    split linears) through the driver give the plain recipe's integers exactly."""
+    monkeypatch.setattr(gptq, "_CHUNK_TOKENS", 3 * 32)
+    cfg = gptq_cfg(act_order=True, true_sequential=true_sequential, sink_weight=9)
+    expected = reference_driver(family_model(family), calib_ids(), cfg, 3)
+    qmodel = gptq_quantize_model(family_model(family), calib_ids(), cfg, progress=False)
+    assert len(expected) == 7 * qmodel.args.num_hidden_layers
+    for name, res in expected.items():
+        m = qmodel.get_submodule(name)
+        assert torch.equal(m.qweight, pack_int4(res.q)), name
+        assert torch.equal(m.scales, res.scales) and torch.equal(m.zeros, res.zeros), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_beats_round_to_nearest_and_keeps_its_norms(family):
+    """GPTQ's last-block output error on held-out tokens is under round-to-nearest's at the same group size; every
+    decoder linear is quantized, every norm (Gemma's four per block, the q/k norms) stays float."""
+    model = family_model(family)
+    calib = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(1))
+    held_out = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    rtn = quantize_model(copy.deepcopy(model), {"name": "int4_wo", "groupsize": 32, "sym": False})
+    cfg = gptq_cfg(act_order=True, nsamples=16, attention_weight=True)
+    gq = gptq_quantize_model(copy.deepcopy(model), calib, cfg, progress=False)
+    assert not decoder_linears(gq)
+    norms = {n: m.weight for n, m in gq.named_modules() if n.endswith("norm")}
+    assert len(norms) == len([n for n, _ in model.named_modules() if n.endswith("norm")])
+    assert all(w.dtype == torch.float32 and w.requires_grad is not None for w in norms.values())
+    with torch.no_grad():
+        ref = model.hidden(held_out)
+        rtn_err, gptq_err = ((m.hidden(held_out) - ref).square().mean().item() for m in (rtn, gq))
+    assert gptq_err < rtn_err, (gptq_err, rtn_err)
 
 
 def test_same_input_gives_bit_identical_state_dict():
