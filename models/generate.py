@@ -206,46 +206,48 @@ def generate(
     # The norm weights stay in the activation dtype even when the linear weights are quantized. On CPU the cache
     # (and so attention) is float32 whatever the activations: see Transformer.setup_caches.
     act_dtype = model.model.norm.weight.dtype
-    model.setup_caches(len(prompts), len(batch.slots), dtype=torch.float32 if dev.type == "cpu" else act_dtype)
-    try:
-        t0 = time.perf_counter()
-        # Prefill runs eager: prompt lengths vary between calls, and int4 layers build their kernel layout here.
-        prefill = batch.slots[:P]
-        logits = model(
-            batch.ids,
-            input_pos=prefill,
-            position_ids=batch.position_ids(prefill),
-            key_padding_mask=batch.key_padding_mask,
-        )  # [B, P, V]
-        tok = sample(logits[:, -1])  # [B]
-        done = rows.take(tok.tolist())
-        ttft = time.perf_counter() - t0
-        step, compile_s = model, 0.0
-        if compile and not done and max_new_tokens > 1:  # nothing to compile for when no decode step follows
-            step, compile_s = _compiled_step(model, batch, tok)
-        t1 = time.perf_counter()
-        n_steps = 0
-        fed = [batch.ids]  # every token in the cache so far, for the LongRoPE re-prefill
-        for i in range(1, max_new_tokens):
-            if done:
-                break
-            fed.append(tok[:, None])
-            if model.rope_switch is not None and P <= model.rope_switch == P + i - 1:
-                # The first position past LongRoPE's pretraining length switches every rotation to the long factors:
-                # recompute the cache over the whole sequence once (eager), as transformers' Phi-3 generation does.
-                done_slots = batch.slots[: P + i]
-                ids = torch.cat(fed, 1)  # [B, P + i]
-                pos = batch.position_ids(done_slots)
-                logits = model(ids, input_pos=done_slots, position_ids=pos, key_padding_mask=batch.key_padding_mask)
-                logits = logits[:, -1:]
-            else:
-                logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
-            tok = sample(logits[:, -1])
+    # q/k/v and gate/up as one matmul each where the layers allow it (int4): see Transformer.join_projections
+    with model.join_projections():
+        model.setup_caches(len(prompts), len(batch.slots), dtype=torch.float32 if dev.type == "cpu" else act_dtype)
+        try:
+            t0 = time.perf_counter()
+            # Prefill runs eager: prompt lengths vary between calls, and int4 layers build their kernel layout here.
+            prefill = batch.slots[:P]
+            logits = model(
+                batch.ids,
+                input_pos=prefill,
+                position_ids=batch.position_ids(prefill),
+                key_padding_mask=batch.key_padding_mask,
+            )  # [B, P, V]
+            tok = sample(logits[:, -1])  # [B]
             done = rows.take(tok.tolist())
-            n_steps += 1
-        t2 = time.perf_counter()
-    finally:
-        model.clear_caches()
+            ttft = time.perf_counter() - t0
+            step, compile_s = model, 0.0
+            if compile and not done and max_new_tokens > 1:  # nothing to compile for when no decode step follows
+                step, compile_s = _compiled_step(model, batch, tok)
+            t1 = time.perf_counter()
+            n_steps = 0
+            fed = [batch.ids]  # every token in the cache so far, for the LongRoPE re-prefill
+            for i in range(1, max_new_tokens):
+                if done:
+                    break
+                fed.append(tok[:, None])
+                if model.rope_switch is not None and P <= model.rope_switch == P + i - 1:
+                    # The first position past LongRoPE's pretraining length switches every rotation to the long factors:
+                    # recompute the cache over the whole sequence once (eager), as transformers' Phi-3 generation does.
+                    done_slots = batch.slots[: P + i]
+                    ids = torch.cat(fed, 1)  # [B, P + i]
+                    pos = batch.position_ids(done_slots)
+                    logits = model(ids, input_pos=done_slots, position_ids=pos, key_padding_mask=batch.key_padding_mask)
+                    logits = logits[:, -1:]
+                else:
+                    logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
+                tok = sample(logits[:, -1])
+                done = rows.take(tok.tolist())
+                n_steps += 1
+            t2 = time.perf_counter()
+        finally:
+            model.clear_caches()
 
     timings = {
         "time_to_first_token_s": ttft,  # prefill and the first sample

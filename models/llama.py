@@ -39,6 +39,7 @@ Calling conventions (shapes: B batch, T new tokens, S cache length, C hidden siz
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -336,12 +337,17 @@ class Attention(nn.Module):
         self.scale = None if args.query_pre_attn_scalar is None else args.query_pre_attn_scalar**-0.5
         self.softcap = args.attn_logit_softcapping
         self.kv_cache: KVCache | None = None
+        self.qkv_joined = None  # see Transformer.join_projections
 
     def qk(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries [B, H, T, D] and keys [B, KVH, T, D] of x [B, T, C], after RoPE."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return self._heads(self.q_proj(x), self.k_proj(x), cos, sin)
+
+    def _heads(self, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected queries [B, T, H*D] and keys [B, T, KVH*D] -> per head, normed (Qwen3, Gemma 3), after RoPE."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, KVH, T, D]
@@ -368,8 +374,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q, k = self.qk(x, cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        if self.qkv_joined is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one matmul for the three (Transformer.join_projections)
+            q, k, v = self.qkv_joined(x).split(self.qkv_joined.sizes, dim=-1)
+        q, k = self._heads(q, k, cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, KVH, S, D]
             q = q.to(k.dtype)  # attention runs in the cache's dtype (see Transformer.setup_caches)
@@ -392,9 +402,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.act = ACTIVATIONS[args.hidden_act]
+        self.gate_up_joined = None  # see Transformer.join_projections
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_joined is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:  # one matmul for the two (Transformer.join_projections)
+            gate, up = self.gate_up_joined(x).split(self.gate_up_joined.sizes, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -511,6 +526,33 @@ class Transformer(nn.Module):
                 max_batch_size, a.num_key_value_heads, max_seq_length, a.dim_head, dtype, device
             )
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+
+    @contextmanager
+    def join_projections(self):
+        """Within the block, each attention's q/k/v and each MLP's gate/up (which read the same input) run as one
+        matmul, where their modules' class can join them: a classmethod `cat(modules)` returning one module whose
+        output is the modules' outputs side by side, or None (quant/int4.py's int4 linears; a float nn.Linear has
+        none and stays as it is). Decoding uses it: at one token per step, the int4 kernel's per-call cost is a large
+        share of a small matmul's time. The joined modules are a temporary copy, outside the state dict, dropped on
+        exit; the model must not be moved or changed meanwhile."""
+        pairs = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            pairs += [
+                (a, "qkv_joined", (a.q_proj, a.k_proj, a.v_proj)),
+                (m, "gate_up_joined", (m.gate_proj, m.up_proj)),
+            ]
+        try:
+            for owner, attr, mods in pairs:
+                cat = getattr(type(mods[0]), "cat", None)
+                joined = cat(mods) if cat is not None and all(type(x) is type(mods[0]) for x in mods) else None
+                if joined is not None:
+                    joined.sizes = [x.out_features for x in mods]
+                object.__setattr__(owner, attr, joined)  # not a submodule: never saved, never moved
+            yield self
+        finally:
+            for owner, attr, _ in pairs:
+                object.__setattr__(owner, attr, None)
 
     def clear_caches(self):
         for layer in self.model.layers:

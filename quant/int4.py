@@ -214,6 +214,38 @@ class Int4WeightOnlyLinear(nn.Module):
         q, scales, zeros = rtn_quantize(linear.weight.detach(), groupsize, sym, search)
         return cls.from_quantized(q, scales, zeros, None, linear.in_features, linear.bias)
 
+    @classmethod
+    def cat(cls, mods: list[Int4WeightOnlyLinear]) -> Int4WeightOnlyLinear | None:
+        """One module whose output is `mods`' outputs side by side (their rows stacked), or None when they do not
+        share input size, groupsize, column order (g_idx) and bias presence. `Transformer.join_projections` calls
+        it to run q/k/v, and gate/up, as one kernel call."""
+        first = mods[0]
+        same = all(
+            m.in_features == first.in_features
+            and m.groupsize == first.groupsize
+            and (m.bias is None) == (first.bias is None)
+            and (m.g_idx is None) == (first.g_idx is None)
+            and (m.g_idx is None or torch.equal(m.g_idx, first.g_idx))
+            for m in mods
+        )
+        if not same:
+            return None
+        joined = cls(
+            first.in_features,
+            sum(m.out_features for m in mods),
+            first.bias is not None,
+            first.groupsize,
+            first.g_idx is not None,
+            device=first.qweight.device,
+        )
+        joined.qweight = torch.cat([m.qweight for m in mods])
+        joined.scales, joined.zeros = torch.cat([m.scales for m in mods]), torch.cat([m.zeros for m in mods])
+        if first.g_idx is not None:
+            joined.g_idx = first.g_idx
+        if first.bias is not None:
+            joined.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]), requires_grad=False)
+        return joined
+
     def dequantize(self) -> torch.Tensor:
         """fp32 [N, K] weight, the reference every forward path is held against."""
         q = unpack_int4(self.qweight)

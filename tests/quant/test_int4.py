@@ -218,3 +218,55 @@ def test_cuda_tinygemm_matches_dequantized(K, g, act_order):
     # the fp32 portable path on CUDA
     x32 = x.float()
     assert _rel_err(m(x32), _reference(m, x32)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cat_is_the_modules_side_by_side(dtype, act_order):
+    if act_order:  # the same g_idx in every module (GPTQ solves q/k/v on one Hessian, so they share it)
+        mods = [_act_order_module(96, n, 32) for n in (64, 32, 32)]
+        for m in mods[1:]:
+            m.g_idx = mods[0].g_idx.clone()
+    else:
+        mods = [Int4WeightOnlyLinear.from_linear(_linear(96, n), 32, sym=False) for n in (64, 32, 48)]
+    joined = Int4WeightOnlyLinear.cat(mods)
+    x = torch.randn(3, 5, 96).to(dtype)
+    expected = torch.cat([m(x) for m in mods], dim=-1)
+    assert torch.equal(joined.dequantize(), torch.cat([m.dequantize() for m in mods]))
+    tol = 1e-6 if dtype == torch.float32 else BF16_TOL
+    assert _rel_err(joined(x), expected.double()) <= tol
+
+
+def test_cat_refuses_modules_that_cannot_share_a_kernel_call():
+    a = Int4WeightOnlyLinear.from_linear(_linear(96, 32), 32, sym=False)
+    assert Int4WeightOnlyLinear.cat([a, Int4WeightOnlyLinear.from_linear(_linear(96, 32), 64, sym=False)]) is None
+    assert Int4WeightOnlyLinear.cat([a, Int4WeightOnlyLinear.from_linear(_linear(128, 32), 32, sym=False)]) is None
+    assert Int4WeightOnlyLinear.cat([a, Int4WeightOnlyLinear.from_linear(_linear(96, 32, False), 32, False)]) is None
+    b, c = _act_order_module(96, 32, 32), _act_order_module(96, 32, 32)
+    c.g_idx = torch.roll(c.g_idx, 1)
+    assert Int4WeightOnlyLinear.cat([b, c]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_join_projections_keeps_outputs_and_state(dtype):
+    from quant_helpers import tiny_model, token_ids
+
+    from quant import quantize_model
+
+    model = quantize_model(tiny_model().to(dtype), {"name": "int4_wo", "groupsize": 32, "sym": False})
+    keys = set(model.state_dict())
+    ids = token_ids()
+    with torch.no_grad():
+        plain = model(ids)
+        with model.join_projections():
+            attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+            assert isinstance(attn.qkv_joined, Int4WeightOnlyLinear) and attn.qkv_joined.sizes == [64, 32, 32]
+            assert isinstance(mlp.gate_up_joined, Int4WeightOnlyLinear)
+            assert set(model.state_dict()) == keys  # the joined copies are not part of the model's state
+            joined = model(ids)
+        assert attn.qkv_joined is None and mlp.gate_up_joined is None
+    tol = 1e-5 if dtype == torch.float32 else BF16_TOL
+    assert _rel_err(joined, plain.double()) <= tol
+    float_model = tiny_model()
+    with float_model.join_projections():  # float linears have no `cat`: nothing joined
+        assert float_model.model.layers[0].self_attn.qkv_joined is None
