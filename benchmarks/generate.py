@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +44,8 @@ from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _common import machine, write_json  # noqa: E402 - benchmarks/ is on sys.path as the script dir
 
 from models.checkpoint import save_hf  # noqa: E402 - after the path setup above
 from models.generate import generate  # noqa: E402
@@ -58,8 +60,17 @@ def _args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--groupsizes", type=int, nargs="*", default=[32, 64])
+    p.add_argument("--groupsizes", type=int, nargs="*", default=[64])
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
+    p.add_argument(
+        "--llamacpp",
+        type=Path,
+        default=None,
+        help="folder with llama.cpp's llama-bench (bash ../shared/tools/build_llamacpp.sh builds it): also run it on "
+        "the model's GGUF (checkpointer.path or the default model's Q4_1 file) with the same threads and lengths",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the compiled runs (compilation takes minutes)")
+    p.add_argument("--no-reference", action="store_true", help="skip transformers' runs")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
 
@@ -141,6 +152,100 @@ def _reference(model, prompt: list[int], new: int) -> dict:
     return _decode_rate(run, new)
 
 
+def _prefill(model, tok, prompt: list[int]) -> dict:
+    """Prefill tokens/s: generate one token after `prompt` (the time to the first token is the prefill)."""
+
+    def once() -> float:
+        [r] = generate(
+            model,
+            tok,
+            [prompt],
+            max_new_tokens=1,
+            temperature=0.0,
+            top_k=None,
+            top_p=1.0,
+            stop_ids=set(),
+            stop_strings=[],
+            generator=None,
+        )
+        return r["timings"]["time_to_first_token_s"]
+
+    once()  # one-off costs: allocator growth, int4 kernel layouts
+    return {"prefill_tokens_per_s": len(prompt) / min(once() for _ in range(2))}
+
+
+def _profile(model, tok, prompt: list[int], compile: bool, steps: int = 16) -> list[dict]:
+    """Per-op CPU time of `steps` decode steps (torch.profiler, after a warm-up run): the top ops by self time,
+    in milliseconds per decode step (the prefill of the profiled run is taken out by profiling a 1-token run too)."""
+
+    def run(n: int):
+        generate(
+            model,
+            tok,
+            [prompt],
+            max_new_tokens=n,
+            temperature=0.0,
+            top_k=None,
+            top_p=1.0,
+            stop_ids=set(),
+            stop_strings=[],
+            generator=None,
+            compile=compile,
+        )
+
+    run(steps + 1)  # warm (and compile)
+    tables = []
+    for n in (1, steps + 1):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run(n)
+        tables.append({e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()})
+    one, many = tables
+    rows = [
+        {
+            "op": k,
+            "self_ms_per_step": (t - one.get(k, (0, 0))[0]) / 1e3 / steps,
+            "calls_per_step": (c - one.get(k, (0, 0))[1]) / steps,
+        }
+        for k, (t, c) in many.items()
+    ]
+    rows.sort(key=lambda r: -r["self_ms_per_step"])
+    total = sum(r["self_ms_per_step"] for r in rows)
+    return [{"total_self_ms_per_step": total}] + [r for r in rows[:15] if r["self_ms_per_step"] > 0]
+
+
+def _llamacpp(bench_dir: Path, gguf: Path, threads: int, prompt: int, new: int, repeats: int) -> dict:
+    """llama.cpp's own llama-bench on the GGUF file: prefill (pp) and decode (tg) tokens/s, same thread count."""
+    exe = bench_dir.expanduser() / "llama-bench"
+    if not exe.is_file():
+        raise SystemExit(
+            f"error: --llamacpp {bench_dir}: no llama-bench there; bash ../shared/tools/build_llamacpp.sh "
+            "builds it and prints its folder"
+        )
+    cmd = [
+        str(exe),
+        "-m",
+        str(gguf),
+        "-t",
+        str(threads),
+        "-p",
+        str(prompt),
+        "-n",
+        str(new),
+        "-r",
+        str(repeats),
+        "-o",
+        "json",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    res = {"command": " ".join(cmd), "model_type": rows[0].get("model_type"), "build": rows[0].get("build_commit")}
+    for r in rows:
+        kind = "prefill" if r["n_prompt"] and not r["n_gen"] else "decode"
+        res[f"{kind}_tokens_per_s"] = r["avg_ts"]
+        res[f"{kind}_tokens_per_s_stdev"] = r["stdev_ts"]
+    return res
+
+
 def _same_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -161,7 +266,7 @@ def _summary(runs: dict, bw: dict, bytes_per_token: dict) -> dict:
     return out
 
 
-def _ratios(s: dict, groupsizes: list[int]) -> dict:
+def _ratios(s: dict, int4: list[str], prefill: dict, llamacpp: dict | None) -> dict:
     def rate(name):
         return s[name]["decode_tokens_per_s"] if name in s else None
 
@@ -169,35 +274,35 @@ def _ratios(s: dict, groupsizes: list[int]) -> dict:
         names = [n for n in (f"ours_{kind}_eager", f"ours_{kind}_compiled") if n in s]
         return max(names, key=rate) if names else None
 
-    r = {}
+    r, targets = {}, {}
     for dt in ("fp32", "bf16"):
         if ours(dt) and f"transformers_{dt}" in s:
             r[f"{dt}_vs_transformers"] = {"ours": ours(dt), "ratio": rate(ours(dt)) / rate(f"transformers_{dt}")}
-    for g in groupsizes:
-        if ours(f"int4_g{g}") and ours("bf16"):
-            r[f"int4_g{g}_vs_bf16"] = {
-                "ours": ours(f"int4_g{g}"),
-                "ratio": rate(ours(f"int4_g{g}")) / rate(ours("bf16")),
-            }
+    for k in int4:
+        if not (ours(k) and ours("bf16")):
+            continue
+        r[f"{k}_vs_bf16"] = {"ours": ours(k), "ratio": rate(ours(k)) / rate(ours("bf16"))}
+        r[f"{k}_fraction_of_bandwidth_limit"] = {"ours": ours(k), "ratio": s[ours(k)]["fraction_of_bandwidth_limit"]}
+        targets[f"{k}_at_least_1.5x_bf16"] = r[f"{k}_vs_bf16"]["ratio"] >= 1.5
+        targets[f"{k}_at_least_30pct_of_bandwidth_limit"] = r[f"{k}_fraction_of_bandwidth_limit"]["ratio"] >= 0.3
+        if k in prefill and "bf16" in prefill:
+            r[f"{k}_prefill_vs_bf16"] = prefill[k]["prefill_tokens_per_s"] / prefill["bf16"]["prefill_tokens_per_s"]
+            targets[f"{k}_prefill_no_slower_than_bf16"] = r[f"{k}_prefill_vs_bf16"] >= 1.0
+        if llamacpp:
+            r[f"{k}_vs_llamacpp_decode"] = {"ours": ours(k), "ratio": rate(ours(k)) / llamacpp["decode_tokens_per_s"]}
+            targets[f"{k}_decode_at_least_llamacpp"] = r[f"{k}_vs_llamacpp_decode"]["ratio"] >= 1.0
+            if k in prefill:
+                r[f"{k}_vs_llamacpp_prefill"] = prefill[k]["prefill_tokens_per_s"] / llamacpp["prefill_tokens_per_s"]
     if ours("bf16"):
         r["bf16_fraction_of_bandwidth_limit"] = {
             "ours": ours("bf16"),
             "ratio": s[ours("bf16")]["fraction_of_bandwidth_limit"],
         }
-    targets = {}
-    if "bf16_vs_transformers" in r:
-        targets["bf16_at_least_3x_transformers"] = r["bf16_vs_transformers"]["ratio"] >= 3
-    for g in groupsizes:
-        if f"int4_g{g}_vs_bf16" in r:
-            targets[f"int4_g{g}_at_least_1.5x_bf16"] = r[f"int4_g{g}_vs_bf16"]["ratio"] >= 1.5
-    if "bf16_fraction_of_bandwidth_limit" in r:
-        targets["bf16_at_least_half_bandwidth_limit"] = r["bf16_fraction_of_bandwidth_limit"]["ratio"] >= 0.5
     return {"ratios": r, "targets_met": targets}
 
 
-def main() -> None:
-    a = _args()
-    torch.set_num_threads(a.threads)
+def _load_all(a):
+    """(cfg, tokenizer, {variant: model}): fp32, bf16, and int4_wo at each groupsize without and with the head."""
 
     def load(*overrides: str):
         """The model as the stage loads it (common.load_model) for these overrides on top of the CLI's."""
@@ -205,42 +310,60 @@ def main() -> None:
             cfg = compose("config", overrides=["task=generate", *a.overrides, *overrides])
         return cfg, *common.load_model(cfg)
 
+    cfg, fp32, tok = load("model.dtype=float32")
+    ours = {"fp32": fp32, "bf16": load("model.dtype=bfloat16")[1]}
+    for g in a.groupsizes:
+        for head in (False, True):
+            ov = ["model.dtype=bfloat16", "quantizer=int4_wo", f"quantizer.groupsize={g}"]
+            ours[f"int4_g{g}" + ("_head" if head else "")] = load(*ov, f"quantizer.quantize_head={str(head).lower()}")[
+                1
+            ]
+    return cfg, tok, ours
+
+
+def main() -> None:
+    a = _args()
+    torch.set_num_threads(a.threads)
     result = {
         "settings": {
             "batch": 1,
             "prompt_tokens": a.prompt_tokens,
             "new_tokens": a.new_tokens,
+            "prefill_tokens": a.prefill_tokens,
             "repeats": a.repeats,
             "overrides": a.overrides,
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "loadavg_start": os.getloadavg(),
-        },
+        "machine": machine() | {"cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
-    _log("loading the model: fp32, bf16, and int4_wo for each groupsize")
-    cfg, fp32, tok = load("model.dtype=float32")
+    _log("loading the model: fp32, bf16, and int4_wo (without and with quantize_head) for each groupsize")
+    cfg, tok, ours = _load_all(a)
+    int4 = [k for k in ours if k.startswith("int4")]
     result["settings"]["model"] = cfg.model.name
-    ours = {"fp32": fp32, "bf16": load("model.dtype=bfloat16")[1]}
-    for g in a.groupsizes:
-        ours[f"int4_g{g}"] = load("model.dtype=bfloat16", "quantizer=int4_wo", f"quantizer.groupsize={g}")[1]
     bytes_per_token = {
         f"ours_{k}_{mode}": weight_bytes(m)[1] for k, m in ours.items() for mode in ("eager", "compiled")
     }
-    prompt = torch.randint(0, fp32.args.vocab_size, (a.prompt_tokens,), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.tolist()
-    with tempfile.TemporaryDirectory() as d:
-        save_hf(d, fp32, tok)  # the same weights for the reference
-        refs = {
-            dt: transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch_dt).eval()
-            for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-        }
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, ours["fp32"].args.vocab_size, (a.prompt_tokens,), generator=gen).tolist()
+    long_prompt = torch.randint(0, ours["fp32"].args.vocab_size, (a.prefill_tokens,), generator=gen).tolist()
+    refs = {}
+    if not a.no_reference:
+        with tempfile.TemporaryDirectory() as d:
+            save_hf(d, ours["fp32"], tok)  # the same weights for the reference
+            refs = {
+                dt: transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch_dt).eval()
+                for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+            }
+    llamacpp = None
+    if a.llamacpp is not None:
+        _log("llama.cpp: llama-bench on the model's GGUF")
+        llamacpp = _llamacpp(
+            a.llamacpp, common.checkpoint_path(cfg), a.threads, a.prefill_tokens, a.new_tokens, a.repeats
+        )
+        result["llamacpp"] = llamacpp
 
     runs: dict[str, list] = {}
+    prefill: dict[str, dict] = {}
+    modes = ("eager",) if a.no_compile else ("eager", "compiled")
     for rnd in range(a.repeats):
         _log(f"round {rnd + 1}/{a.repeats}: memory bandwidth")
         runs.setdefault("bandwidth", []).append(_bandwidth(2))
@@ -248,17 +371,30 @@ def main() -> None:
             _log(f"round {rnd + 1}: transformers {dt}")
             runs.setdefault(f"transformers_{dt}", []).append(_reference(ref, prompt, a.new_tokens))
         for k, m in ours.items():
-            for mode in ("eager",) if a.no_compile else ("eager", "compiled"):
+            for mode in modes:
                 _log(f"round {rnd + 1}: ours {k} {mode}")
                 runs.setdefault(f"ours_{k}_{mode}", []).append(_ours(m, tok, prompt, a.new_tokens, mode == "compiled"))
+            if k != "fp32":
+                _log(f"round {rnd + 1}: ours {k} prefill of {a.prefill_tokens} tokens")
+                p = _prefill(m, tok, long_prompt)
+                if k not in prefill or p["prefill_tokens_per_s"] > prefill[k]["prefill_tokens_per_s"]:
+                    prefill[k] = p
         bw = {k: max(r[k] for r in runs["bandwidth"]) for k in ("copy_gb_s", "read_gb_s")}
         summary = _summary({k: v for k, v in runs.items() if k != "bandwidth"}, bw, bytes_per_token)
-        result |= {"memory_bandwidth": bw, "runs": summary, **_ratios(summary, a.groupsizes)}
-        result["greedy_tokens_agree_with_transformers_fp32"] = _same_prefix(
-            runs["ours_fp32_eager"][0]["ids"], runs["transformers_fp32"][0]["ids"]
-        )
+        result |= {"memory_bandwidth": bw, "runs": summary, "prefill": prefill}
+        result |= _ratios(summary, int4, prefill, llamacpp)
+        if refs:
+            result["greedy_tokens_agree_with_transformers_fp32"] = _same_prefix(
+                runs["ours_fp32_eager"][0]["ids"], runs["transformers_fp32"][0]["ids"]
+            )
         result["machine"]["loadavg_end"] = os.getloadavg()
-        a.out.write_text(json.dumps(result, indent=2))
+        write_json(a.out, result)
+    _log("profile: the per-op CPU time of int4 decode steps, eager and compiled")
+    profiled = int4[-1]
+    result["profile"] = {
+        f"{profiled}_{mode}": _profile(ours[profiled], tok, prompt, mode == "compiled") for mode in modes
+    }
+    write_json(a.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -3,7 +3,7 @@ and how a saved quantized checkpoint loads again.
 
 What gets quantized: every nn.Linear inside `model.model.layers` (q/k/v/o and gate/up/down of each block,
 `quant.checks.decoder_linears`). Norms stay float; so do the embedding and the output head unless an int4 scheme's
-`quantize_head` knob says otherwise (round-to-nearest, see quant/int4_wo.py): the head is the most
+`quantize_head` knob says otherwise (int8 or int4, round to nearest, quant/head.py): the head is the most
 quantization-sensitive layer, but on a small model it is a large share of the bytes a decode step reads.
 
 The config (`qcfg`) is the resolved `quantizer` group as a plain dict: `name` plus that quantizer's knobs, exactly
@@ -45,7 +45,8 @@ from torch import nn
 
 from quant.checks import decoder_linears
 from quant.gptq import GPTQ
-from quant.int4_wo import INT4_WO, head_shell, quantize_head
+from quant.head import head_shell, quantize_head
+from quant.int4_wo import INT4_WO
 from quant.int8_wo import INT8_WO
 from quant.scheme import Quantizer
 
@@ -86,7 +87,7 @@ def quantize_model(model: nn.Module, qcfg: Mapping, calib: torch.Tensor | None =
     if q.needs_calibration and calib is None:
         raise ValueError(f"quantizer {q.name} needs calibration token ids [nsamples, seqlen] (calib=None given)")
     q.quantize(model, spec, calib)
-    if spec.get("quantize_head"):
+    if "quantize_head" in spec:
         quantize_head(model, spec)
     return model
 
@@ -99,6 +100,6 @@ def prepare_for_load(model: nn.Module, qcfg: Mapping) -> nn.Module:
     if shell is not None:
         for name, linear in decoder_linears(model).items():
             model.set_submodule(name, shell(linear, spec))
-    if spec.get("quantize_head"):
+    if "quantize_head" in spec:
         head_shell(model, spec)
     return model

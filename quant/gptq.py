@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from quant.head import HEAD_CHOICES
 from quant.int4 import MAXQ, Int4WeightOnlyLinear, dequantize, group_qparams, padded_in_features, search_qparams
 from quant.int4_wo import int4_shell
 from quant.scheme import (
@@ -564,11 +565,17 @@ GPTQ = Quantizer(
         "sink_weight": positive_number("1 = the paper's GPTQ"),
         "attention_weight": boolean,
         "scale_search": boolean,
-        "quantize_head": boolean,
+        "quantize_head": one_of(*HEAD_CHOICES),
     },
     quantize=_quantize,
     shell=_shell,
     needs_calibration=True,
     # quantizer.json written before these keys existed: what the code did then
-    backfill={"sampling": "corpus", "sink_weight": 1, "attention_weight": False, "scale_search": False, "quantize_head": False},
+    backfill={
+        "sampling": "corpus",
+        "sink_weight": 1,
+        "attention_weight": False,
+        "scale_search": False,
+        "quantize_head": "none",
+    },
 )

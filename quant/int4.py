@@ -246,6 +246,11 @@ class Int4WeightOnlyLinear(nn.Module):
             joined.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]), requires_grad=False)
         return joined
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 [n, K]: the dequantized rows `rows` [n] of the weight (an embedding lookup, quant/head.py)."""
+        q = unpack_int4(self.qweight[rows])
+        return dequantize(q, self.scales[rows], self.zeros[rows], self.groupsize, self.g_idx)[:, : self.in_features]
+
     def dequantize(self) -> torch.Tensor:
         """fp32 [N, K] weight, the reference every forward path is held against."""
         q = unpack_int4(self.qweight)
@@ -337,23 +342,3 @@ class Int4WeightOnlyLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2, packed, self.groupsize, scale_zero)
         y = y.view(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
-
-
-class Int4Embedding(nn.Module):
-    """Embedding lookups read from an int4 matrix [V, C]: the output head's, when the model ties the two.
-
-    The head (an `Int4WeightOnlyLinear` over the vocabulary) owns the tensors and the state dict holds them once,
-    under `lm_head.`; this module keeps a plain reference to it (not a submodule) and dequantizes only the rows it
-    looks up, in the scales' dtype (the model casts them to its own: `Transformer.hidden`).
-    """
-
-    def __init__(self, head: Int4WeightOnlyLinear):
-        super().__init__()
-        if head.g_idx is not None:
-            raise ValueError("an int4 embedding needs groups in column order (no g_idx)")
-        object.__setattr__(self, "head", head)  # a reference, not a submodule: lm_head saves the tensors
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h, flat = self.head, ids.reshape(-1)
-        w = dequantize(unpack_int4(h.qweight[flat]), h.scales[flat], h.zeros[flat], h.groupsize, None)
-        return w[:, : h.in_features].reshape(*ids.shape, h.in_features)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from quant import describe, prepare_for_load, quantize_model
 from quant.base import QUANTIZERS
 from quant.checks import decoder_linears
-from quant.int4 import Int4Embedding, Int4WeightOnlyLinear
+from quant.head import QuantizedEmbedding
+from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
 
 QCFGS = {
@@ -28,9 +29,11 @@ QCFGS = {
 }
 # quantize_head: the output head (and a tied embedding) in int4 too
 HEAD_QCFGS = {
-    "int4_wo_head": QCFGS["int4_wo"] | {"quantize_head": True},
-    "int4_wo_head_sym_padded": QCFGS["int4_wo_sym_padded"] | {"quantize_head": True},
-    "gptq_head": gptq_cfg(act_order=True, quantize_head=True),
+    "int4_wo_head_int4": QCFGS["int4_wo"] | {"quantize_head": "int4"},
+    "int4_wo_head_int8": QCFGS["int4_wo"] | {"quantize_head": "int8"},
+    "int4_wo_head_int4_sym_padded": QCFGS["int4_wo_sym_padded"] | {"quantize_head": "int4"},
+    "gptq_head_int4": gptq_cfg(act_order=True, quantize_head="int4"),
+    "gptq_head_int8": gptq_cfg(act_order=True, quantize_head="int8"),
 }
 
 
@@ -45,7 +48,7 @@ def test_describe_records_exactly_the_knobs():
     assert describe(old) == rec
     assert describe({"name": "int4_wo", "groupsize": 32, "sym": True}) == QCFGS["int4_wo_sym_padded"] | {
         "groupsize": 32,
-        "quantize_head": False,
+        "quantize_head": "none",
     }
 
 
@@ -72,7 +75,8 @@ def test_describe_records_exactly_the_knobs():
         (gptq_cfg(attention_weight="yes"), "attention_weight='yes' must be true or false"),
         (gptq_cfg(scale_search=1), "scale_search=1 must be true or false"),
         ({"name": "int4_wo", "groupsize": 32, "sym": False, "scale_search": "no"}, "scale_search='no'"),
-        (gptq_cfg(quantize_head="yes"), "quantize_head='yes' must be true or false"),
+        (gptq_cfg(quantize_head="yes"), "quantize_head='yes' must be one of none, int8, int4"),
+        (gptq_cfg(quantize_head=True), "quantize_head=True must be one of"),
     ],
 )
 def test_describe_rejects_bad_configs(qcfg, message):
@@ -118,17 +122,18 @@ def test_int4_wo_logits_match_dequantized_twin(sym):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_quantize_head_rounds_head_and_tied_embedding(tied):
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantize_head_rounds_head_and_tied_embedding(tied, kind):
     float_model = tiny_model(tie_word_embeddings=tied)
-    qmodel = quantize_model(copy.deepcopy(float_model), HEAD_QCFGS["int4_wo_head"])
-    assert isinstance(qmodel.lm_head, Int4WeightOnlyLinear)
+    qmodel = quantize_model(copy.deepcopy(float_model), HEAD_QCFGS[f"int4_wo_head_{kind}"])
+    assert isinstance(qmodel.lm_head, Int4WeightOnlyLinear if kind == "int4" else Int8WeightOnlyLinear)
     keys = set(qmodel.state_dict())
-    if tied:  # one int4 copy of the tied matrix, saved under lm_head; lookups dequantize its rows
-        assert isinstance(qmodel.model.embed_tokens, Int4Embedding)
+    if tied:  # one quantized copy of the tied matrix, saved under lm_head; lookups dequantize its rows
+        assert isinstance(qmodel.model.embed_tokens, QuantizedEmbedding)
         assert not any(k.startswith("model.embed_tokens.") for k in keys)
     else:  # an untied embedding is only read a row per token: it stays float
         assert qmodel.model.embed_tokens.weight.dtype == torch.float32
-    assert {"lm_head.qweight", "lm_head.scales", "lm_head.zeros"} <= keys
+    assert {"lm_head.qweight", "lm_head.scales"} <= keys
     # reference: the float model with every quantized matrix replaced by its dequantized value
     twin = dequantized_twin(float_model, qmodel)
     with torch.no_grad():

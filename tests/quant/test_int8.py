@@ -34,3 +34,22 @@ def test_cpu_matches_dequantized():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_dequantized():
     _check(_module("cuda"), "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_linear_rounds_per_row_and_kernel_matches_dequantized(dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    with torch.no_grad():
+        linear.weight[3] = 0  # an all-zero row keeps scale 1 and quantizes exactly
+    m = Int8WeightOnlyLinear.from_linear(linear)
+    w = linear.weight.detach()
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert (m.dequantize() - w).abs().le(step / 2 + 1e-7).all()  # round to nearest: within half a step
+    assert m.scales[3] == 1 and not m.qweight[3].any()
+    rows = torch.tensor([5, 3, 5, 0])
+    assert torch.equal(m.dequantize_rows(rows), m.dequantize()[rows])
+    x = torch.randn(2, 7, 96).to(dtype)
+    ref = x.double() @ m.dequantize().double().t()
+    rel = ((m(x).double() - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= (1e-6 if dtype == torch.float32 else 1e-2)  # bf16: the output rounds to bf16
