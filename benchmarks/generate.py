@@ -61,6 +61,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--groupsizes", type=int, nargs="*", default=[64])
+    p.add_argument(
+        "--heads", nargs="*", default=["none", "int8", "int4"], help="quantizer.quantize_head values of the int4 runs"
+    )
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
     p.add_argument(
         "--llamacpp",
@@ -213,36 +216,28 @@ def _profile(model, tok, prompt: list[int], compile: bool, steps: int = 16) -> l
     return [{"total_self_ms_per_step": total}] + [r for r in rows[:15] if r["self_ms_per_step"] > 0]
 
 
-def _llamacpp(bench_dir: Path, gguf: Path, threads: int, prompt: int, new: int, repeats: int) -> dict:
-    """llama.cpp's own llama-bench on the GGUF file: prefill (pp) and decode (tg) tokens/s, same thread count."""
+def _llamacpp(bench_dir: Path, gguf: Path, threads: int, depth: int, prefill: int, new: int, repeats: int) -> dict:
+    """llama.cpp's own llama-bench on the GGUF file, same thread count: prefill tokens/s of a `prefill`-token prompt,
+    and decode tokens/s of `new` tokens after `depth` tokens already in the cache (as ours: after the prompt)."""
     exe = bench_dir.expanduser() / "llama-bench"
     if not exe.is_file():
         raise SystemExit(
             f"error: --llamacpp {bench_dir}: no llama-bench there; bash ../shared/tools/build_llamacpp.sh "
             "builds it and prints its folder"
         )
-    cmd = [
-        str(exe),
-        "-m",
-        str(gguf),
-        "-t",
-        str(threads),
-        "-p",
-        str(prompt),
-        "-n",
-        str(new),
-        "-r",
-        str(repeats),
-        "-o",
-        "json",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    rows = json.loads(out)
-    res = {"command": " ".join(cmd), "model_type": rows[0].get("model_type"), "build": rows[0].get("build_commit")}
-    for r in rows:
-        kind = "prefill" if r["n_prompt"] and not r["n_gen"] else "decode"
-        res[f"{kind}_tokens_per_s"] = r["avg_ts"]
-        res[f"{kind}_tokens_per_s_stdev"] = r["stdev_ts"]
+    res = {}
+    for kind, lengths in (
+        ("prefill", ["-p", str(prefill), "-n", "0"]),
+        ("decode", ["-p", "0", "-n", str(new), "-d", str(depth)]),
+    ):
+        cmd = [str(exe), "-m", str(gguf), "-t", str(threads), *lengths, "-r", str(repeats), "-o", "json"]
+        [row] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        res[kind] = {"command": " ".join(cmd), "tokens_per_s": row["avg_ts"], "stddev": row["stddev_ts"]}
+        res |= {"model_type": row["model_type"], "build_commit": row["build_commit"], "model_size": row["model_size"]}
+    res["decode_tokens_per_s"], res["prefill_tokens_per_s"] = (
+        res["decode"]["tokens_per_s"],
+        res["prefill"]["tokens_per_s"],
+    )
     return res
 
 
@@ -302,7 +297,7 @@ def _ratios(s: dict, int4: list[str], prefill: dict, llamacpp: dict | None) -> d
 
 
 def _load_all(a):
-    """(cfg, tokenizer, {variant: model}): fp32, bf16, and int4_wo at each groupsize without and with the head."""
+    """(cfg, tokenizer, {variant: model}): fp32, bf16, and int4_wo at each groupsize with each quantize_head."""
 
     def load(*overrides: str):
         """The model as the stage loads it (common.load_model) for these overrides on top of the CLI's."""
@@ -313,11 +308,10 @@ def _load_all(a):
     cfg, fp32, tok = load("model.dtype=float32")
     ours = {"fp32": fp32, "bf16": load("model.dtype=bfloat16")[1]}
     for g in a.groupsizes:
-        for head in (False, True):
+        for head in a.heads:
             ov = ["model.dtype=bfloat16", "quantizer=int4_wo", f"quantizer.groupsize={g}"]
-            ours[f"int4_g{g}" + ("_head" if head else "")] = load(*ov, f"quantizer.quantize_head={str(head).lower()}")[
-                1
-            ]
+            name = f"int4_g{g}" + ("" if head == "none" else f"_head_{head}")
+            ours[name] = load(*ov, f"quantizer.quantize_head={head}")[1]
     return cfg, tok, ours
 
 
@@ -357,7 +351,13 @@ def main() -> None:
     if a.llamacpp is not None:
         _log("llama.cpp: llama-bench on the model's GGUF")
         llamacpp = _llamacpp(
-            a.llamacpp, common.checkpoint_path(cfg), a.threads, a.prefill_tokens, a.new_tokens, a.repeats
+            a.llamacpp,
+            common.checkpoint_path(cfg),
+            a.threads,
+            a.prompt_tokens,
+            a.prefill_tokens,
+            a.new_tokens,
+            a.repeats,
         )
         result["llamacpp"] = llamacpp
 
