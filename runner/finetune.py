@@ -65,7 +65,7 @@ from models.checkpoint import save_native
 from models.llama import Transformer
 from models.lora import apply_lora, merge_lora, save_adapter
 from models.tokenizer import Tokenizer
-from runner import common, data
+from runner import common, data, exports
 from runner.knobs import check, integer, number, within_context
 from runner.rundir import Interrupted, RunContext
 
@@ -116,6 +116,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         raise common.ConfigError(f"task.bf16={t.bf16!r} is not valid; use auto, true or false")
     check(t, "task", KNOBS)
     check(cfg.data, "data", {"val_size": integer(lo=1)})
+    _check_exports(t)
     if not isinstance(t.overwrite, bool):
         raise common.ConfigError(f"task.overwrite={t.overwrite!r} is not valid: use true or false")
     if t.resume is not True and t.resume is not False and not isinstance(t.resume, str):
@@ -217,6 +218,16 @@ def _start(resume, out: Path, model, optimizer, scheduler, rank: int, world: int
     return step, position, loss
 
 
+def _check_exports(t: DictConfig) -> list[str]:
+    """task.export: formats written after training (runner/exports.py); peft needs LoRA, gptq a quantized model."""
+    formats = exports.check_chain(t.export, "task.export")
+    if "peft" in formats and t.method != "lora":
+        raise common.ConfigError("task.export=[peft] writes a LoRA adapter: set task.method=lora, or drop peft")
+    if "gptq" in formats:
+        raise common.ConfigError("task.export=[gptq]: finetune writes a float model; task=quantize quantizer=gptq it")
+    return formats
+
+
 def _check_finite(loss: float, step: int, last_good: Path | None) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(
@@ -298,7 +309,7 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     if val_loss is None:  # resumed with no steps left
         val_loss = evaluate()
     if step == t.max_steps:
-        _export(cfg, out, model, tok, rank)
+        _export(cfg, ctx, out, model, tok, rank)
         _record_exports(ctx, out, rank)
     return {
         "finetune/final_loss": loss,
@@ -452,8 +463,9 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tu
     return state["step"], state["position"], state.get("loss", math.nan)
 
 
-def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
-    """Write the final model as a plain (unsharded) native checkpoint, merging LoRA; for LoRA also the adapter."""
+def _export(cfg: DictConfig, ctx: RunContext, out: Path, model, tok, rank: int) -> None:
+    """Write the final model as a plain (unsharded) native checkpoint, merging LoRA; for LoRA also the adapter; then
+    the formats of task.export (runner/exports.py) under export/<format>/."""
     sd = get_model_state_dict(model, options=FULL)
     if rank != 0:
         return
@@ -467,10 +479,12 @@ def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
     if t.method == "lora":
         base = {"checkpointer": cfg.checkpointer.name, "path": cfg.checkpointer.path, "source": cfg.model.source}
         save_adapter(out / "adapter", final, {**OmegaConf.to_container(t.lora, resolve=True), "base_model": base})
-        if not t.lora.save_merged:
-            return
-        merge_lora(final)
+        exports.chain(_check_exports(t), ctx, final, tok, {"name": "none"}, cfg.model.name)  # peft before merging
+        if t.lora.save_merged:
+            save_native(out / "model", merge_lora(final), tok, None, common.resolved_yaml(cfg))
+        return
     save_native(out / "model", final, tok, None, common.resolved_yaml(cfg))
+    exports.chain(_check_exports(t), ctx, final, tok, {"name": "none"}, cfg.model.name)
 
 
 class _Interrupt:
