@@ -175,9 +175,9 @@ def _pre_name(spec: dict | None, has_merges: bool) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json pre_tokenizer; ValueError when llama.cpp has none."""
     kind = None if spec is None else spec["type"]
     if kind == "ByteLevel" and spec.get("use_regex", True):
-        return "gpt2"  # GPT-2's own split regex
+        return "gpt-2"  # GPT-2's own split regex (llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT2)
     if kind == "ByteLevel" and not has_merges:
-        return "gpt2"  # no merges: every byte is its own token, whatever the split
+        return "gpt-2"  # no merges: every byte is its own token, whatever the split
     if kind == "Sequence" and len(spec["pretokenizers"]) == 2:
         split, byte_level = spec["pretokenizers"]
         if split["type"] == "Split" and byte_level["type"] == "ByteLevel" and not byte_level.get("use_regex", True):
@@ -185,7 +185,7 @@ def _pre_name(spec: dict | None, has_merges: bool) -> str:
             if name is not None:
                 return name
     raise ValueError(
-        f"the tokenizer's pre-tokenizer {json.dumps(spec)[:120]} has no llama.cpp name (gpt2, llama-bpe, qwen2): "
+        f"the tokenizer's pre-tokenizer {json.dumps(spec)[:120]} has no llama.cpp name (gpt-2, llama-bpe, qwen2): "
         "export task.format=hf and convert with llama.cpp's convert_hf_to_gguf.py"
     )
 
