@@ -12,6 +12,7 @@ Writes in the run directory (rank 0 only):
   Same format for any world size.
 - model/: the final native checkpoint (`checkpointer=native checkpointer.path=<run>/model`); for LoRA also
   adapter/ (adapter_model.safetensors + adapter_config.json), and model/ only when task.lora.save_merged.
+- export/<format>/ for each format of task.export (hf, peft, gguf; runner/exports.py with task=export's settings).
 
 Knobs (conf/task/finetune.yaml; data in conf/data/, see runner/data.py):
 - method: full | lora (lora.rank, alpha, dropout, target_modules: the usual r=8..64 trades size for capacity).

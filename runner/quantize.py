@@ -22,6 +22,9 @@ Knobs (conf/task/quantize.yaml; the quantizer's own in conf/quantizer/):
 - `ppl` turns the quality check off; `ppl_windows` scores the first N windows of `ppl_seqlen` tokens (null: all;
   the paper's numbers need all, ~147 windows and ~25 min per model for SmolLM2 on 2 CPU cores).
 - `save: false` skips writing the checkpoint (sweeps that only want the metrics).
+- `export: [gguf, gptq]` also writes those formats to `export/<format>/` (runner/exports.py, task=export's settings);
+  a format that cannot hold the quantizer's output (gguf needs groupsize 32 and no act-order g_idx) is refused
+  before anything runs.
 - GPTQ calibration (`quantizer.calibration`, `nsamples`, `seqlen`, `seed`): runner/calibration.py. Calibrating on
   the text the quality check scores is refused.
 
