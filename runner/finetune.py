@@ -477,15 +477,15 @@ def _export(cfg: DictConfig, ctx: RunContext, out: Path, model, tok, rank: int) 
         apply_lora(final, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
     final.load_state_dict(sd, assign=True)
     final.init_rope()
+    formats = _check_exports(t)
     if t.method == "lora":
         base = {"checkpointer": cfg.checkpointer.name, "path": cfg.checkpointer.path, "source": cfg.model.source}
         save_adapter(out / "adapter", final, {**OmegaConf.to_container(t.lora, resolve=True), "base_model": base})
-        exports.chain(_check_exports(t), ctx, final, tok, {"name": "none"}, cfg.model.name)  # peft before merging
-        if t.lora.save_merged:
-            save_native(out / "model", merge_lora(final), tok, None, common.resolved_yaml(cfg))
-        return
-    save_native(out / "model", final, tok, None, common.resolved_yaml(cfg))
-    exports.chain(_check_exports(t), ctx, final, tok, {"name": "none"}, cfg.model.name)
+        exports.chain([f for f in formats if f == "peft"], ctx, final, tok, {"name": "none"}, cfg.model.name)
+        merge_lora(final)
+    if t.method != "lora" or t.lora.save_merged:
+        save_native(out / "model", final, tok, None, common.resolved_yaml(cfg))
+    exports.chain([f for f in formats if f != "peft"], ctx, final, tok, {"name": "none"}, cfg.model.name)
 
 
 class _Interrupt:

@@ -342,6 +342,27 @@ def test_finetune_lora_chains_peft_and_hf(compose, tmp_path):
     torch.testing.assert_close(ref(ids).logits, _logits(merged, ids), atol=1e-5, rtol=1e-5)
 
 
+def test_finetune_lora_without_merged_model_still_exports_merged_gguf(compose, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"say {i}", "input": "", "output": "ok"}) for i in range(12)))
+    over = [f"data.path={data}", "data.val_size=4", "task.method=lora", "task.optimizer.lr=1e-2"]
+    cfg = compose(["task=finetune", "debug=smoke", *over, "task.lora.save_merged=false", "task.export=[gguf]"])
+    run_in_process(finetune, cfg)
+    run = run_dir()
+    assert not (run / "model").exists() and (run / "adapter").is_dir()
+    _, sd, _ = load_gguf(_gguf_file(run / "export" / "gguf"))
+    base, _ = common.load_model(cfg)
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    from models.lora import load_adapter
+
+    merged = merge_lora(load_adapter(base, run / "adapter"))
+    assert adapter["rank"] == cfg.task.lora.rank
+    w = merged.model.layers[0].self_attn.q_proj.weight
+    untouched, _ = common.load_model(cfg)
+    assert not torch.allclose(w, untouched.model.layers[0].self_attn.q_proj.weight)  # the adapter is in the file
+    torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"], w.half().float(), atol=0, rtol=0)
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 
