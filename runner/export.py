@@ -122,7 +122,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         except ValueError as e:
             raise common.ConfigError(str(e)) from e
     metrics: dict[str, float] = {}
-    if t.format == "gguf" and exports.gguf_problem(model) is not None and t.requantize:
+    problem = exports.gguf_problem(model) if t.format == "gguf" else None
+    if problem is not None and t.requantize and exports.requantizable(model):
         metrics.update(_requantize(cfg, model, tok))
 
     source = common.checkpoint_path(cfg)

@@ -194,6 +194,11 @@ def gguf_problem(model: Transformer) -> str | None:
     return next((p for n, m in _quantized(model) if (p := _gguf_problem(n, m)) is not None), None)
 
 
+def requantizable(model: Transformer) -> bool:
+    """Whether `requantize` can give every quantized linear a block form (int4 ones only)."""
+    return all(isinstance(m, Int4WeightOnlyLinear) for _, m in _quantized(model))
+
+
 def requantize(model: Transformer) -> Transformer:
     """Round every int4 linear that has no exact block form again, on groups of 32 (round-to-nearest of its
     dequantized weight, symmetric when its zeros are all 8), in place. The weights change: the caller scores it."""

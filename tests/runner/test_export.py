@@ -375,6 +375,9 @@ def test_finetune_lora_without_merged_model_still_exports_merged_gguf(compose, t
         (["task.format=peft"], r"task.format=peft writes a LoRA adapter: set task.adapter="),
         (["checkpointer=native", "checkpointer.path=/nowhere/model"], "/nowhere/model: checkpoint not found"),
         (["task.adapter=/nowhere/run"], r"task.adapter=/nowhere/run: not found"),
+        (["task.format=gguf", "quantizer=int8_wo"], "Int8WeightOnlyLinear, which task.format=gguf does not map"),
+        (["task.format=gguf", "quantizer=int8_wo", "task.requantize=true"], "Int8WeightOnlyLinear, which task"),
+        (["task.requantize=maybe"], "task.requantize='maybe' is not valid: use true or false"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(export_cfg, overrides, match):
