@@ -201,7 +201,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         out = save_native(ctx.run_dir / "model", model, tok, record, common.resolved_yaml(cfg))
         ctx.add_artifact("model", out)
         log.info("wrote %s (load it with checkpointer=native checkpointer.path=%s)", out, out)
-    exports.chain(list(cfg.task.export), ctx, model, tok, record, cfg.model.name)
+    exports.chain(exports.check_chain(cfg.task.export, "task.export"), ctx, model, tok, record, cfg.model.name)
     if text is not None:
         ppl, n = _perplexity(cfg, model, tok, text)
         metrics["quantize/ppl"] = ppl

@@ -280,7 +280,8 @@ def test_gptq_format_of_a_float_model_is_refused(export_cfg):
 # --- chained exports -------------------------------------------------------------------------------------------
 
 
-def test_quantize_chains_gguf_export(compose):
+@pytest.mark.parametrize("export_list", ["[gguf]", "gguf"])
+def test_quantize_chains_gguf_export(compose, export_list):
     cfg = compose(
         [
             "task=quantize",
@@ -288,7 +289,7 @@ def test_quantize_chains_gguf_export(compose):
             "task.ppl=false",
             *GPTQ_G32,
             "quantizer.static_groups=true",
-            "task.export=[gguf]",
+            f"task.export={export_list}",
         ]
     )
     run_in_process(quantize, cfg)
