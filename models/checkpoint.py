@@ -349,27 +349,79 @@ def _atomic_dir_write(directory: Path, write) -> None:
         write(tmp)
 
 
-def save_hf(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None) -> Path:
-    """Write an HF-layout directory (config.json, safetensors shards of at most 2 GiB, tokenizer)."""
+def _generation_config(tokenizer: Tokenizer) -> dict:
+    """generation_config.json: the ids that end a reply (every stop id, as HF lists them) and the defaults."""
+    stops = sorted(tokenizer.stop_ids)
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else stops,
+        "pad_token_id": tokenizer.pad_id,
+    }
+
+
+def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + n
+    shards.append(cur)
+    return shards
+
+
+def _hf_tensors(model: Transformer, extra_tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The model's tensors, with the modules `extra_tensors` names replaced by those tensors (their float `bias`
+    kept unless `extra_tensors` gives one). What is left must be the float architecture's own keys."""
+    sd = _contiguous_state(model)
+    if extra_tensors:
+        replaced = {k.rpartition(".")[0] for k in extra_tensors}
+        sd = {k: v for k, v in sd.items() if k.rpartition(".")[0] not in replaced or k.endswith(".bias")}
+        sd.update({k: v.detach().contiguous() for k, v in extra_tensors.items()})
+        return sd
+    with torch.device("meta"):
+        expected = Transformer(model.args).state_dict()
+    foreign = [k for k in sd if k not in expected]
+    if foreign:
+        raise ValueError(
+            f"the model holds quantized tensors ({foreign[0]!r}), which an HF float checkpoint cannot: "
+            "export the float model, or a quantized format"
+        )
+    return sd
+
+
+def save_hf(
+    directory: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    quantization_config: dict | None = None,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write an HF-layout directory that transformers loads: config.json, safetensors shards of at most
+    `max_shard_bytes` (None: MAX_SHARD_BYTES) with model.safetensors.index.json when there are several, the tokenizer
+    files and generation_config.json. Written to a temporary sibling and renamed, so it is never half-written.
+
+    A quantized format (GPTQ) passes `extra_tensors`, the tensors of its quantized linears under HF keys
+    (`...q_proj.qweight`, ...): they replace everything the model holds for those modules, and
+    `quantization_config` goes into config.json. Without them, a model holding quantized modules is a ValueError.
+    """
     directory = Path(directory)
-    a = model.args
+    sd = to_hf_state_dict(model.args, _hf_tensors(model, extra_tensors))  # Phi-3: fused qkv / gate_up again
+    limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
 
     def write(d: Path):
-        cfg = hf_config(a)
-        cfg["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        cfg = hf_config(model.args)
+        cfg["torch_dtype"] = str(model.model.norm.weight.dtype).removeprefix("torch.")
+        if quantization_config is not None:
+            cfg["quantization_config"] = quantization_config
         if tokenizer is not None:
             cfg.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
             tokenizer.save(d)
+            (d / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2))
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
-        sd = to_hf_state_dict(a, _contiguous_state(model))
-        shards, cur, size = [], {}, 0
-        for k, v in sd.items():
-            n = v.numel() * v.element_size()
-            if cur and size + n > MAX_SHARD_BYTES:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k], size = v, size + n
-        shards.append(cur)
+        shards = _shards(sd, limit)
         if len(shards) == 1:
             save_file(shards[0], str(d / "model.safetensors"), metadata={"format": "pt"})
             return

@@ -474,7 +474,7 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
 
 def _merges(meta: _Metadata) -> list[tuple[str, str]]:
     out = []
-    for m in meta.get("tokenizer.ggml.merges"):
+    for m in meta.get("tokenizer.ggml.merges", []):  # absent: a vocabulary of single bytes (GGUF has no empty arrays)
         left, sep, right = m.partition(" ")
         if not sep:
             raise ValueError(f"{meta.path}: tokenizer.ggml.merges entry {m!r} is not 'left right'")

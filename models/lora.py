@@ -8,7 +8,8 @@ change; the adapter adds `<layer>.lora_A.weight` [r, in] and `<layer>.lora_B.wei
     y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
 
 B starts at zero, so a freshly adapted model computes exactly the base model. `merge_lora` folds the adapters back
-into plain `nn.Linear` layers (W + alpha/r * B A); `adapter_state_dict` / `save_adapter` give the adapter alone.
+into plain `nn.Linear` layers (W + alpha/r * B A); `adapter_state_dict` / `save_adapter` give the adapter alone,
+`load_adapter` puts a saved one back on a base model, and `save_peft` writes it as PEFT writes a LoRA adapter.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -103,5 +105,66 @@ def save_adapter(directory: str | Path, model: nn.Module, config: dict) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return d
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Put the adapter `save_adapter` wrote in `directory` on `model` (the base it was trained on), in place.
+    ValueError naming the file when it is not such an adapter or does not fit the model."""
+    d = Path(directory)
+    cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise ValueError(f"{d}: not a LoRA adapter (no adapter_config.json and adapter_model.safetensors there)")
+    cfg = json.loads(cfg_path.read_text())
+    try:
+        apply_lora(model, cfg["rank"], cfg["alpha"], cfg["dropout"], list(cfg["target_modules"]))
+        sd = load_file(str(weights))
+    except (KeyError, SafetensorError) as e:
+        raise ValueError(f"{d}: unreadable LoRA adapter ({e!r}); re-run the finetune or point at its adapter/") from e
+    own = adapter_state_dict(model)
+    if sd.keys() != own.keys() or any(sd[k].shape != own[k].shape for k in own):
+        bad = sorted(k for k in own.keys() | sd.keys() if k not in sd or k not in own or sd[k].shape != own[k].shape)[0]
+        raise ValueError(
+            f"{weights}: tensor {bad!r} does not fit this base model; load the base the adapter was trained on"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            with torch.no_grad():
+                module.lora_A.weight.copy_(sd[f"{name}.lora_A.weight"])
+                module.lora_B.weight.copy_(sd[f"{name}.lora_B.weight"])
+    return model
+
+
+def save_peft(directory: str | Path, model: nn.Module, base_model: str | None) -> Path:
+    """Write the adapter as PEFT writes a LoRA adapter, so `peft.PeftModel.from_pretrained(hf_base, directory)`
+    loads it: adapter_model.safetensors with PEFT's keys (`base_model.model.<layer>.lora_A.weight`) and
+    adapter_config.json (peft_type, task_type, r, lora_alpha, target_modules, ...; PEFT's LoraConfig names).
+    `base_model` goes into base_model_name_or_path."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to write")
+    first = next(iter(layers.values()))
+    rank = first.lora_A.weight.shape[0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": first.scaling * rank,
+        "lora_dropout": first.dropout.p,
+        "target_modules": sorted({name.rpartition(".")[2] for name in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {f"base_model.model.{k}": v.contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(sd, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
     (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return d

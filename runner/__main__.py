@@ -1,4 +1,4 @@
-"""lmrunner task=<finetune|quantize|eval|generate> [group=option ...] [key=value ...]  (or python -m runner ...)
+"""lmrunner task=<finetune|quantize|eval|generate|export> [group=option ...] [key=value ...]  (or python -m runner ...)
 
 Composes conf/config.yaml, runs one stage in its own run directory and records the outcome there
 (status.json, metrics.json, metrics.jsonl, run.log). `--help` prints the page in conf/hydra/help/lmrunner.yaml.

@@ -12,6 +12,7 @@ Writes in the run directory (rank 0 only):
   Same format for any world size.
 - model/: the final native checkpoint (`checkpointer=native checkpointer.path=<run>/model`); for LoRA also
   adapter/ (adapter_model.safetensors + adapter_config.json), and model/ only when task.lora.save_merged.
+- export/<format>/ for each format of task.export (hf, peft, gguf; runner/exports.py with task=export's settings).
 
 Knobs (conf/task/finetune.yaml; data in conf/data/, see runner/data.py):
 - method: full | lora (lora.rank, alpha, dropout, target_modules: the usual r=8..64 trades size for capacity).
@@ -65,7 +66,7 @@ from models.checkpoint import save_native
 from models.llama import Transformer
 from models.lora import apply_lora, merge_lora, save_adapter
 from models.tokenizer import Tokenizer
-from runner import common, data
+from runner import common, data, exports
 from runner.knobs import check, integer, number, within_context
 from runner.rundir import Interrupted, RunContext
 
@@ -116,6 +117,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         raise common.ConfigError(f"task.bf16={t.bf16!r} is not valid; use auto, true or false")
     check(t, "task", KNOBS)
     check(cfg.data, "data", {"val_size": integer(lo=1)})
+    _check_exports(t)
     if not isinstance(t.overwrite, bool):
         raise common.ConfigError(f"task.overwrite={t.overwrite!r} is not valid: use true or false")
     if t.resume is not True and t.resume is not False and not isinstance(t.resume, str):
@@ -217,6 +219,16 @@ def _start(resume, out: Path, model, optimizer, scheduler, rank: int, world: int
     return step, position, loss
 
 
+def _check_exports(t: DictConfig) -> list[str]:
+    """task.export: formats written after training (runner/exports.py); peft needs LoRA, gptq a quantized model."""
+    formats = exports.check_chain(t.export, "task.export")
+    if "peft" in formats and t.method != "lora":
+        raise common.ConfigError("task.export=[peft] writes a LoRA adapter: set task.method=lora, or drop peft")
+    if "gptq" in formats:
+        raise common.ConfigError("task.export=[gptq]: finetune writes a float model; task=quantize quantizer=gptq it")
+    return formats
+
+
 def _check_finite(loss: float, step: int, last_good: Path | None) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(
@@ -298,7 +310,7 @@ def _train(cfg: DictConfig, ctx: RunContext, world: int) -> dict[str, float]:
     if val_loss is None:  # resumed with no steps left
         val_loss = evaluate()
     if step == t.max_steps:
-        _export(cfg, out, model, tok, rank)
+        _export(cfg, ctx, out, model, tok, rank)
         _record_exports(ctx, out, rank)
     return {
         "finetune/final_loss": loss,
@@ -452,8 +464,9 @@ def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank, world) -> tu
     return state["step"], state["position"], state.get("loss", math.nan)
 
 
-def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
-    """Write the final model as a plain (unsharded) native checkpoint, merging LoRA; for LoRA also the adapter."""
+def _export(cfg: DictConfig, ctx: RunContext, out: Path, model, tok, rank: int) -> None:
+    """Write the final model as a plain (unsharded) native checkpoint, merging LoRA; for LoRA also the adapter; then
+    the formats of task.export (runner/exports.py) under export/<format>/."""
     sd = get_model_state_dict(model, options=FULL)
     if rank != 0:
         return
@@ -464,13 +477,15 @@ def _export(cfg: DictConfig, out: Path, model, tok, rank: int) -> None:
         apply_lora(final, t.lora.rank, t.lora.alpha, t.lora.dropout, list(t.lora.target_modules))
     final.load_state_dict(sd, assign=True)
     final.init_rope()
+    formats = _check_exports(t)
     if t.method == "lora":
         base = {"checkpointer": cfg.checkpointer.name, "path": cfg.checkpointer.path, "source": cfg.model.source}
         save_adapter(out / "adapter", final, {**OmegaConf.to_container(t.lora, resolve=True), "base_model": base})
-        if not t.lora.save_merged:
-            return
+        exports.chain([f for f in formats if f == "peft"], ctx, final, tok, {"name": "none"}, cfg.model.name)
         merge_lora(final)
-    save_native(out / "model", final, tok, None, common.resolved_yaml(cfg))
+    if t.method != "lora" or t.lora.save_merged:
+        save_native(out / "model", final, tok, None, common.resolved_yaml(cfg))
+    exports.chain([f for f in formats if f != "peft"], ctx, final, tok, {"name": "none"}, cfg.model.name)
 
 
 class _Interrupt:

@@ -22,6 +22,9 @@ Knobs (conf/task/quantize.yaml; the quantizer's own in conf/quantizer/):
 - `ppl` turns the quality check off; `ppl_windows` scores the first N windows of `ppl_seqlen` tokens (null: all;
   the paper's numbers need all, ~147 windows and ~25 min per model for SmolLM2 on 2 CPU cores).
 - `save: false` skips writing the checkpoint (sweeps that only want the metrics).
+- `export: [gguf, gptq]` also writes those formats to `export/<format>/` (runner/exports.py, task=export's settings);
+  a format that cannot hold the quantizer's output (gguf needs groupsize 32 and no act-order g_idx) is refused
+  before anything runs.
 - GPTQ calibration (`quantizer.calibration`, `nsamples`, `seqlen`, `seed`): runner/calibration.py. Calibrating on
   the text the quality check scores is refused.
 
@@ -49,7 +52,7 @@ from models.tokenizer import Tokenizer
 from quant import QUANTIZERS, describe, quantize_model, quantizer
 from quant.int4 import Int4WeightOnlyLinear
 from quant.int8 import Int8WeightOnlyLinear
-from runner import common
+from runner import common, exports
 from runner.calibration import calibration_windows, corpus_path
 from runner.knobs import check, integer, within_context
 from runner.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_test_text
@@ -143,6 +146,13 @@ def _check_inputs(cfg: DictConfig) -> dict:
         record = describe(OmegaConf.to_container(q, resolve=True))
     except ValueError as e:
         raise common.ConfigError(str(e)) from e
+    formats = exports.check_chain(cfg.task.export, "task.export")
+    for fmt in ("hf", "peft"):
+        if fmt in formats:
+            raise common.ConfigError(f"task.export=[{fmt}] cannot hold a quantized model: use gguf or gptq")
+    problem = exports.gguf_record_problem(record) if "gguf" in formats else None
+    if problem is not None:
+        raise common.ConfigError(f"task.export=[gguf]: {problem}")
     if quantizer(record).needs_calibration and cfg.task.ppl:
         calib = corpus_path(cfg)
         scored = common.data_path(cfg, WIKITEXT2_TEST).resolve()
@@ -191,6 +201,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict[str, float]:
         out = save_native(ctx.run_dir / "model", model, tok, record, common.resolved_yaml(cfg))
         ctx.add_artifact("model", out)
         log.info("wrote %s (load it with checkpointer=native checkpointer.path=%s)", out, out)
+    exports.chain(exports.check_chain(cfg.task.export, "task.export"), ctx, model, tok, record, cfg.model.name)
     if text is not None:
         ppl, n = _perplexity(cfg, model, tok, text)
         metrics["quantize/ppl"] = ppl

@@ -31,6 +31,7 @@ STAGES = {
     "quantize": Stage("runner.quantize", "quantize/ppl", shown=("quantize/model_bytes", "quantize/compression")),
     "eval": Stage("runner.eval", "eval/wikitext2_ppl/ppl"),
     "finetune": Stage("runner.finetune", "finetune/val_loss", shown=("finetune/final_loss", "finetune/tokens_per_s")),
+    "export": Stage("runner.export", "export/bytes", shown=("export/max_logit_diff", "export/ppl")),
 }
 
 

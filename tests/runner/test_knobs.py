@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 
 from quant import QUANTIZERS
 from runner import eval as eval_stage
-from runner import finetune, generate, quantize
+from runner import export, finetune, generate, quantize
 from runner.common import ConfigError
 from runner.knobs import check, integer, number, string_list
 from runner.rundir import run_stage
 
-STAGES = {"finetune": finetune, "generate": generate, "eval": eval_stage, "quantize": quantize}
+STAGES = {"finetune": finetune, "generate": generate, "eval": eval_stage, "quantize": quantize, "export": export}
 
 # Keys where zero is a meaningful setting (the YAML comment says which): zero must pass the check.
 ZERO_OK = {
