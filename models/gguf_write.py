@@ -90,7 +90,14 @@ _GGUF_TOP = {v: k for k, v in _TOP_NAMES.items()}
 
 
 def architecture(args: ModelArgs) -> str:
-    return "qwen2" if args.qkv_bias else "llama"
+    if args.qkv_bias or args.model_type == "qwen2":
+        return "qwen2"
+    if args.model_type not in ("llama", "mistral"):
+        raise ValueError(
+            f"GGUF export writes the llama and qwen2 architectures, not {args.model_type}: export task.format=hf and "
+            "convert that with llama.cpp's convert_hf_to_gguf.py"
+        )
+    return "llama"
 
 
 def write_gguf(
