@@ -3,7 +3,8 @@
 Three formats, picked by `checkpointer.name` (never guessed from file names):
 - `gguf`: a llama.cpp GGUF file, read and dequantized in `models/gguf.py`.
 - `hf`: an HF model directory: `config.json` + `model.safetensors` or sharded `model-0000x-of-0000y.safetensors`
-  with `model.safetensors.index.json`; tokenizer files when present.
+  with `model.safetensors.index.json`; tokenizer files when present. A `quantization_config` in config.json (a GPTQ
+  checkpoint) is read by `hf_quantization_config`; runner/common.py converts those tensors (quant/gptq_format.py).
 - `native`: what this project writes, float or quantized: `model.safetensors`, `model_args.json`,
   `quantizer.json` (`{"name": "none"}` for float), tokenizer files and the resolved run `config.yaml`.
   Rebuilt from the sidecars alone.
@@ -102,6 +103,15 @@ def load_checkpoint(kind: str, path: str | Path):
     args = ModelArgs.from_dict(_read_json(path / "model_args.json"))
     quantizer = _read_json(path / "quantizer.json")
     return args, _read_safetensors(path / "model.safetensors"), _tokenizer_or_none(path), quantizer
+
+
+def hf_quantization_config(path: str | Path) -> dict | None:
+    """The `quantization_config` of an HF directory's config.json (a pre-quantized checkpoint, e.g. GPTQ), or None
+    for a float one. What it means is quant/'s business (quant/gptq_format.py); this only reads it."""
+    qc = _read_json(Path(path) / "config.json").get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ValueError(f"{Path(path) / 'config.json'}: quantization_config is not a JSON object")
+    return qc
 
 
 def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str | Path) -> None:
