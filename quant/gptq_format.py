@@ -1,8 +1,8 @@
 """The GPTQ checkpoint format: our int4 models as the tensors transformers (through optimum and GPTQModel),
 GPTQModel and vLLM load, and such checkpoints back into `quant.int4.Int4WeightOnlyLinear`.
 
-Per quantized linear with weight W [N, K] (out, in features), group size g and G = K / g groups, under the HF key of
-the linear (`model.layers.0.self_attn.q_proj.qweight`, ...):
+Per quantized linear with weight W [N, K] (out, in features), group size g and G = ceil(K / g) groups, under the HF key
+of the linear (`model.layers.0.self_attn.q_proj.qweight`, ...):
 
     qweight  int32 [K/8, N]   eight 4-bit q along the input dim: q[k, n] = (qweight[k // 8, n] >> 4 (k % 8)) & 15
     qzeros   int32 [G, N/8]   eight 4-bit zero points along the output dim:
@@ -16,17 +16,25 @@ the linear (`model.layers.0.self_attn.q_proj.qweight`, ...):
 `checkpoint_format` says what the packed zero points mean. `gptq` (v1, AutoGPTQ's original layout) stores zero - 1,
 `gptq_v2` stores the zero point itself. We write `gptq` by default: transformers' `GPTQConfig` defaults to it
 ("`gptq` (v1) is supported by gptqmodel. `gptq_v2` is gptqmodel only", transformers 5.x
-src/transformers/utils/quantization_config.py) and vLLM's GPTQ loader reads it. GPTQModel converts v1 to its
+src/transformers/utils/quantization_config.py), and vLLM's GPTQ config reads the same key. GPTQModel converts v1 to its
 internal v2 on load by adding 0x11111111 to every int32 word of qzeros, and back by subtracting it
 (gptqmodel/utils/model.py, `convert_gptq_v1_to_v2_format_module` / `convert_gptq_v2_to_v1_format_module`). So
-v1 cannot store a zero point of 0: its nibble would be -1, and kernels that add 1 per nibble (the exllama-style
-GPTQ kernels vLLM uses) read 16. `to_gptq_checkpoint` refuses such a layer in v1 (asymmetric groups whose weights
-are all >= 0 give it); `gptq_v2` stores it. Reading v1 we add 0x11111111 per word, as GPTQModel does, so a v1 file
+v1 cannot store a zero point of 0: its nibble would be -1 (0xF), which readers that add 1 per nibble after
+masking (AutoGPTQ's unpacking) read as 16, and the word-wide add carries into the next nibble.
+`to_gptq_checkpoint` refuses such a layer in v1 (asymmetric groups whose weights are all >= 0 give it); `gptq_v2`
+stores it. Reading v1 we add 0x11111111 per word, as GPTQModel does, so a v1 file
 GPTQModel wrote from zero points of 0 (with a borrow into the next nibble) reads back exactly.
 
+Group sizes that do not divide in_features (SmolLM2's 576 at group 128): our int4 pads K up to whole groups with
+zero columns; the GPTQ layout has no padding. vLLM refuses `in_features % group_size != 0`, so by default
+`to_gptq_checkpoint` refuses such a layer, naming a group size that divides every in_features. With
+`partial_groups=True` it writes GPTQModel's layout for them instead: the padded columns (which always meet zero
+inputs) dropped, G = ceil(K / g) groups of which some hold fewer than g columns (GPTQModel's own buffers are
+ceil(in_features / group_size) groups, with g_idx = k // g); GPTQModel loads it with its kernels that accept
+`in_features % group_size != 0`, vLLM does not.
+
 What `to_gptq_checkpoint` refuses, each with a one-line ValueError naming the layer and the fix:
-- in_features not a multiple of the group size (our int4 pads K up to whole groups; the GPTQ layout has no padding,
-  and vLLM refuses `in_features % group_size != 0`): re-quantize with a group size that divides every in_features.
+- the partial groups above, unless `partial_groups=True`.
 - K or N not a multiple of 8 (the int32 packing); mixed group sizes; float or int8 decoder linears; a scale that
   does not fit fp16.
 
@@ -34,13 +42,14 @@ What `to_gptq_checkpoint` refuses, each with a one-line ValueError naming the la
 act-order without static groups): loaders ignore g_idx when desc_act is false (vLLM) and reorder the input when it
 is true, so act-order with static groups (contiguous groups) is written as desc_act false. Our own record goes
 into `quantization_config.meta.lmrunner`; `meta.quantizer` is ["lmrunner"]. GPTQModel's own loader
-(`GPTQModel.load`, not the transformers path) refuses a v1 `sym: false` checkpoint unless its meta names GPTQModel
->= 0.9.0 as the quantizer; we do not claim to be GPTQModel, so write asymmetric models as `gptq_v2` for that loader.
+(`GPTQModel.load`, not the transformers path) refuses, in the versions read, a v1 `sym: false` checkpoint that its
+meta does not name GPTQModel as having written; we do not claim to be GPTQModel, so for that loader write
+asymmetric models as `gptq_v2`.
 
 Reading (`from_gptq_checkpoint`): bits 4, quant_method gptq, checkpoint_format gptq or gptq_v2, int32 packing, one
 group size > 0, lm_head not quantized, no per-module `dynamic` overrides. The result is a native state dict and a
-`quantizer.json`-style record for `quant.prepare_for_load`; a K that is not a multiple of g (a short last group,
-as GPTQModel's buffers allow) is padded back to whole groups here.
+`quantizer.json`-style record for `quant.prepare_for_load`; a K that is not a multiple of g (short groups, as
+GPTQModel's buffers allow) is padded back to whole groups here.
 """
 
 from __future__ import annotations
@@ -82,13 +91,14 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
 
 # --- writing -----------------------------------------------------------------------------------------------------
 def to_gptq_checkpoint(
-    model: nn.Module, spec: Mapping, checkpoint_format: str = "gptq"
+    model: nn.Module, spec: Mapping, checkpoint_format: str = "gptq", partial_groups: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, quantization_config) of an int4 model (quantizer int4_wo or gptq) in the GPTQ layout.
 
     The state dict is the whole model's: every decoder linear as qweight/qzeros/scales/g_idx (+ bias) under its HF
     name, every other tensor (embeddings, norms, an untied lm_head) as the model holds it. `spec` is the model's
     `quantizer.json` record; the config is what goes under `quantization_config` in config.json.
+    `partial_groups`: write layers whose in_features is not a multiple of the group size (see the module docstring).
     """
     if spec["name"] not in ("int4_wo", "gptq"):
         raise ValueError(
@@ -101,12 +111,12 @@ def to_gptq_checkpoint(
     if len(groupsizes) != 1:
         raise ValueError(f"the decoder linears mix group sizes {groupsizes}; GPTQ has one: re-quantize the model")
     g = groupsizes[0]
-    _check_whole_groups(layers, g)
+    _check_whole_groups(layers, g, partial_groups)
     prefixes = tuple(f"{name}." for name in layers)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for name, m in layers.items():
         sd.update(_gptq_tensors(name, m, spec["sym"], checkpoint_format))
-    desc_act = any(m.g_idx is not None and not _is_contiguous(m.g_idx, g) for m in layers.values())
+    desc_act = any(m.g_idx is not None and not _is_contiguous(m.g_idx[: m.in_features], g) for m in layers.values())
     config = {
         "quant_method": "gptq",
         "bits": 4,
@@ -140,10 +150,10 @@ def _int4_layers(model: nn.Module) -> dict[str, Int4WeightOnlyLinear]:
     return layers
 
 
-def _check_whole_groups(layers: dict[str, Int4WeightOnlyLinear], g: int) -> None:
+def _check_whole_groups(layers: dict[str, Int4WeightOnlyLinear], g: int, partial_groups: bool) -> None:
     ks = {m.in_features for m in layers.values()}
     for name, m in layers.items():
-        if m.in_features % g:
+        if m.in_features % g and not partial_groups:
             fits = [c for c in (128, 64, 32) if all(k % c == 0 for k in ks)]
             hint = (
                 f"e.g. quantizer.groupsize={fits[0]}" if fits else f"every in_features is a multiple of {math.gcd(*ks)}"
@@ -151,7 +161,7 @@ def _check_whole_groups(layers: dict[str, Int4WeightOnlyLinear], g: int) -> None
             raise ValueError(
                 f"{name}: in_features {m.in_features} is not a multiple of groupsize {g}, and GPTQ checkpoints hold "
                 f"whole groups only (vLLM refuses such layers); re-quantize with a groupsize dividing every "
-                f"in_features ({hint})"
+                f"in_features ({hint}), or write partial groups (partial_groups=True: GPTQModel loads them, vLLM not)"
             )
         if m.in_features % 8 or m.out_features % 8:
             raise ValueError(
@@ -166,7 +176,7 @@ def _is_contiguous(g_idx: torch.Tensor, g: int) -> bool:
 
 def _gptq_tensors(name: str, m: Int4WeightOnlyLinear, sym: bool, checkpoint_format: str) -> dict[str, torch.Tensor]:
     K, g = m.in_features, m.groupsize
-    q = unpack_int4(m.qweight)  # [N, K] (no padding: K % g == 0 was checked)
+    q = unpack_int4(m.qweight)[:, :K]  # [N, K]: padded columns dropped (they always meet zero inputs)
     zeros = m.zeros  # [N, G], integer-valued floats
     if not (torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 15):
         raise ValueError(f"{name}: zero points are not integers in 0..15; the module is corrupt, re-quantize it")
@@ -180,7 +190,7 @@ def _gptq_tensors(name: str, m: Int4WeightOnlyLinear, sym: bool, checkpoint_form
     scales = m.scales.to(torch.float16)
     if not bool(torch.isfinite(scales).all()) or bool(((scales == 0) & (m.scales != 0)).any()):
         raise ValueError(f"{name}: a scale does not fit fp16 (GPTQ stores fp16 scales); this layer cannot be exported")
-    g_idx = m.g_idx if m.g_idx is not None else torch.arange(K, device=q.device) // g
+    g_idx = m.g_idx[:K] if m.g_idx is not None else torch.arange(K, device=q.device) // g
     stored = zeros.long() - 1 if checkpoint_format == "gptq" else zeros.long()  # [N, G]
     out = {
         f"{name}.qweight": pack_int32(q.t()),  # [K/8, N]

@@ -167,6 +167,12 @@ def _hf_prequantized(path: Path, sd: dict, model: Transformer) -> tuple[dict, di
     try:
         qc = hf_quantization_config(path)
         if qc is None:
+            packed = next((k for k in sd if k.endswith(".qweight")), None)
+            if packed is not None:
+                raise ConfigError(
+                    f"{path}: {packed} is a packed quantized tensor but config.json has no quantization_config; add "
+                    "it there (older AutoGPTQ directories keep it in quantize_config.json)"
+                )
             return sd, {"name": "none"}
         from quant.gptq_format import from_gptq_checkpoint
 

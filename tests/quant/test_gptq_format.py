@@ -229,12 +229,14 @@ def test_groupsize_needing_padding_is_refused_with_the_fix():
     model = quantized(int4_wo(48))
     with pytest.raises(ValueError, match=r"in_features 64 is not a multiple of groupsize 48.*quantizer.groupsize=64"):
         to_gptq_checkpoint(model, int4_wo(48))
+    sd, _ = to_gptq_checkpoint(model, int4_wo(48), partial_groups=True)
+    assert sd["model.layers.0.mlp.down_proj.scales"].shape == (3, 64)  # ceil(128 / 48) groups, the last of 32
 
 
 def _strip_padding(model: Transformer, fmt: str) -> tuple[dict, int]:
-    """The GPTQ tensors of a model whose layers were padded to whole groups, written by this test (not by
-    to_gptq_checkpoint, which refuses them): K real columns, G = ceil(K / g) groups, the last short, as GPTQModel's
-    buffers allow. The packing is the documented one, written out with shifts."""
+    """The GPTQ tensors of a model whose layers were padded to whole groups, written by this test independently of
+    to_gptq_checkpoint: K real columns, G = ceil(K / g) groups, some short, as GPTQModel's buffers allow. The
+    packing is the documented one, written out with shifts."""
     sd, g = {}, None
     for name, m in _int4(model).items():
         g, K = m.groupsize, m.in_features
@@ -267,24 +269,33 @@ def _padding_mid_order(model: Transformer, g: int) -> Transformer:
     return model
 
 
-PADDED = {
-    "int4_wo": lambda: quantized(int4_wo(48)),
-    "gptq_act_order": lambda: quantized(gptq_cfg(groupsize=48, act_order=True)),
-    "gptq_act_order_padding_mid_order": lambda: _padding_mid_order(
-        quantized(gptq_cfg(groupsize=48, act_order=True)), 48
+PADDED = {  # case -> (spec, the model)
+    "int4_wo": (int4_wo(48), lambda: quantized(int4_wo(48))),
+    "gptq_act_order": (
+        gptq_cfg(groupsize=48, act_order=True),
+        lambda: quantized(gptq_cfg(groupsize=48, act_order=True)),
+    ),
+    "gptq_act_order_padding_mid_order": (
+        gptq_cfg(groupsize=48, act_order=True),
+        lambda: _padding_mid_order(quantized(gptq_cfg(groupsize=48, act_order=True)), 48),
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(PADDED))
 def test_short_last_group_imports_as_our_padded_layer(case):
-    """A checkpoint whose in_features are not a multiple of the group size loads into our padded layers exactly as
-    our quantizer built them: padded columns at their groups' zero points and, with act-order, in the groups that
-    were short (for GPTQ's act-order the padded columns sit wherever the column order put them)."""
-    model = _fp16_scales(PADDED[case]())
+    """A checkpoint whose in_features are not a multiple of the group size (written by this test, and by
+    to_gptq_checkpoint(partial_groups=True): the same tensors) loads into our padded layers exactly as our quantizer
+    built them: padded columns at their groups' zero points and, with act-order, in the groups that were short (for
+    GPTQ's act-order the padded columns sit wherever the column order put them)."""
+    spec, build = PADDED[case]
+    model = _fp16_scales(build())
     sd, g = _strip_padding(model, "gptq")
-    act_order = case != "int4_wo"
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": g, "desc_act": act_order, "sym": False}
+    ours, qc = to_gptq_checkpoint(model, spec, partial_groups=True)
+    assert set(ours) == set(sd)
+    for k, v in sd.items():
+        assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
+    assert qc["desc_act"] == (case != "int4_wo")
     back = _import(sd, qc, model.args)
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
@@ -421,6 +432,16 @@ def test_eval_and_generate_on_a_gptq_dir(gptq_dir, compose):
     assert math.isfinite(results["hf"][0]) and results["hf"] == results["native"]
 
 
+def test_gptq_tensors_without_quantization_config(gptq_dir, compose):
+    """Older AutoGPTQ directories keep the config in quantize_config.json: a clear error, not a shape mismatch."""
+    path, _, _ = gptq_dir
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["quantization_config"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(common.ConfigError, match=r"qweight is a packed quantized tensor but config.json has no quan"):
+        common.load_model(compose(["task=eval", "debug=smoke", "checkpointer=hf", f"checkpointer.path={path}"]))
+
+
 @pytest.mark.slow  # a subprocess: the runner's start-up
 def test_cli_bad_gptq_dir_fails_with_one_line(gptq_dir, tmp_path, data_dir):
     path, _, _ = gptq_dir
@@ -437,15 +458,17 @@ def test_cli_bad_gptq_dir_fails_with_one_line(gptq_dir, tmp_path, data_dir):
 # --- SmolLM2 -------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_int4_export_import(compose):
-    """SmolLM2 (in 576, intermediate 1536) with int4_wo: group 128 is refused (576 = 4.5 x 128), group 64 round-trips
-    with identical logits once the scales are fp16."""
-    model, _ = common.load_model(compose(["task=eval", "quantizer=int4_wo", "quantizer.groupsize=64"]))
-    with pytest.raises(ValueError, match="in_features 576 is not a multiple of groupsize 128"):
-        to_gptq_checkpoint(quantize_model(Transformer(model.args), int4_wo(128)), int4_wo(128))
-    spec = int4_wo(64)
-    model = _fp16_scales(model)
-    sd, qc = to_gptq_checkpoint(model, spec)
-    back = _import(sd, qc, model.args)
-    ids = torch.randint(0, model.args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model(ids), back(ids))
+    """SmolLM2 (in_features 576 and 1536) with int4_wo: group 64 round-trips as whole groups; group 128 is refused
+    by default (576 = 4.5 x 128) and round-trips with partial groups. Identical logits once the scales are fp16."""
+    float_model, _ = common.load_model(compose(["task=eval"]), apply_quantizer=False)
+    ids = torch.randint(0, float_model.args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    for groupsize in (64, 128):
+        spec = int4_wo(groupsize)
+        model = _fp16_scales(quantize_model(copy.deepcopy(float_model), spec))
+        if groupsize == 128:
+            with pytest.raises(ValueError, match="in_features 576 is not a multiple of groupsize 128"):
+                to_gptq_checkpoint(model, spec)
+        sd, qc = to_gptq_checkpoint(model, spec, partial_groups=groupsize == 128)
+        back = _import(sd, qc, model.args)
+        with torch.no_grad():
+            assert torch.equal(model(ids), back(ids)), groupsize
