@@ -418,6 +418,12 @@ def test_checkpointer_hf_loads_gptq_into_int4(gptq_dir, compose):
     assert all(isinstance(b.get_submodule(n), Int4WeightOnlyLinear) for b in blocks for n in LINEARS)
     with torch.no_grad():
         assert torch.equal(loaded(_tokens()), model(_tokens()))
+    # In bf16 the act-order layers run aten's CPU int4 kernel (the g_idx permutation applied to the input).
+    over = ["task=eval", "debug=smoke", "checkpointer=hf", f"checkpointer.path={path}", "model.dtype=bfloat16"]
+    bf16, _ = common.load_model(compose(over, run_name="bf16"))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        bf16(_tokens())
+    assert "aten::_weight_int4pack_mm_for_cpu" in {e.key for e in prof.key_averages()}
 
 
 def test_eval_and_generate_on_a_gptq_dir(gptq_dir, compose):
