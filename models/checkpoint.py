@@ -7,6 +7,8 @@ Three formats, picked by `checkpointer.name` (never guessed from file names):
   `model_type` (`args_from_hf_config`); Phi-3's fused `qkv_proj` / `gate_up_proj` are split into the q/k/v
   and gate/up linears every family shares (`from_hf_state_dict`), and fused again on export
   (`to_hf_state_dict`, with `hf_config` for config.json).
+  A `quantization_config` in config.json (a GPTQ checkpoint) is read by `hf_quantization_config`; runner/common.py
+  converts those tensors (quant/gptq_format.py).
 - `native`: what this project writes, float or quantized: `model.safetensors`, `model_args.json`,
   `quantizer.json` (`{"name": "none"}` for float), tokenizer files and the resolved run `config.yaml`.
   Rebuilt from the sidecars alone.
@@ -322,6 +324,15 @@ def load_checkpoint(kind: str, path: str | Path):
     args = ModelArgs.from_dict(_read_json(path / "model_args.json"))
     quantizer = _read_json(path / "quantizer.json")
     return args, _read_safetensors(path / "model.safetensors"), _tokenizer_or_none(path), quantizer
+
+
+def hf_quantization_config(path: str | Path) -> dict | None:
+    """The `quantization_config` of an HF directory's config.json (a pre-quantized checkpoint, e.g. GPTQ), or None
+    for a float one. What it means is quant/'s business (quant/gptq_format.py); this only reads it."""
+    qc = _read_json(Path(path) / "config.json").get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ValueError(f"{Path(path) / 'config.json'}: quantization_config is not a JSON object")
+    return qc
 
 
 def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str | Path) -> None:

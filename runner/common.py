@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from models.checkpoint import check_and_load, load_checkpoint
+from models.checkpoint import check_and_load, hf_quantization_config, load_checkpoint
 from models.llama import ModelArgs, Transformer
 from models.tokenizer import Tokenizer
 
@@ -115,7 +115,9 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
     """Build the model of cfg.model from its checkpoint (or random init), in model.dtype on `device`.
 
     A quantized native checkpoint is rebuilt from its quantizer.json (two phases: quantized shells, then
-    assign the saved tensors). With `apply_quantizer`, a round-to-nearest cfg.quantizer is applied after loading.
+    assign the saved tensors); an HF GPTQ checkpoint (config.json with quantization_config) the same way, its
+    tensors converted to our int4 modules' first. With `apply_quantizer`, a round-to-nearest cfg.quantizer is
+    applied after loading.
     """
     dev, dt_ = device(cfg), dtype(cfg)
     qrecord = _on_the_fly_quantizer(cfg) if apply_quantizer else None  # a bad quantizer stops before the load
@@ -135,6 +137,8 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
             raise ConfigError(f"{path}: no tokenizer.json next to the weights; add the model's tokenizer files")
         with torch.device("meta"):
             model = Transformer(args)
+        if cfg.checkpointer.name == "hf":
+            sd, saved_q = _hf_prequantized(path, sd, model)
         if saved_q["name"] != "none":
             from quant import prepare_for_load
 
@@ -155,6 +159,26 @@ def load_model(cfg: DictConfig, apply_quantizer: bool = True) -> tuple[Transform
         model = quantize_model(model, qrecord)
         return model.eval(), tok
     return _to(model, dev, dt_).eval(), tok
+
+
+def _hf_prequantized(path: Path, sd: dict, model: Transformer) -> tuple[dict, dict]:
+    """(state dict, quantizer record) of an HF directory: as read for a float one; a GPTQ checkpoint's tensors
+    (config.json's quantization_config) converted to our int4 modules' (quant/gptq_format.py)."""
+    try:
+        qc = hf_quantization_config(path)
+        if qc is None:
+            packed = next((k for k in sd if k.endswith(".qweight")), None)
+            if packed is not None:
+                raise ConfigError(
+                    f"{path}: {packed} is a packed quantized tensor but config.json has no quantization_config; add "
+                    "it there (older AutoGPTQ directories keep it in quantize_config.json)"
+                )
+            return sd, {"name": "none"}
+        from quant.gptq_format import from_gptq_checkpoint
+
+        return from_gptq_checkpoint(sd, qc, model)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def _on_the_fly_quantizer(cfg: DictConfig) -> dict:
