@@ -105,6 +105,8 @@ def write(
         return out
     if lora:
         merge_lora(model)
+    if fmt in ("gguf", "gptq") and record.get("quantize_head", "none") != "none":
+        raise ConfigError(head_problem(fmt, record["quantize_head"]))
     quantized = _quantized(model)
     if fmt == "hf":
         if quantized:
@@ -173,8 +175,18 @@ def _gguf_problem(name: str, m: torch.nn.Module) -> str | None:
     return None
 
 
+def head_problem(fmt: str, head: str) -> str:
+    """Why a model with a quantized output head (quant/head.py) cannot be written as `fmt`, with the fix."""
+    return (
+        f"task.format={fmt} writes the output head as float and this model's head is quantized "
+        f"(quantizer.quantize_head={head}): quantize with quantizer.quantize_head=none for this export"
+    )
+
+
 def gguf_record_problem(record: dict) -> str | None:
     """`gguf_problem` from a quantizer record, before quantizing (quantize's task.export=[gguf])."""
+    if record.get("quantize_head", "none") != "none":
+        return head_problem("gguf", record["quantize_head"])
     if record["name"] == "int8_wo":
         return "int8_wo weights have no llama.cpp map here: use quantizer=int4_wo or gptq with quantizer.groupsize=32"
     if record["name"] == "none":

@@ -153,6 +153,8 @@ def _check_inputs(cfg: DictConfig) -> dict:
     problem = exports.gguf_record_problem(record) if "gguf" in formats else None
     if problem is not None:
         raise common.ConfigError(f"task.export=[gguf]: {problem}")
+    if "gptq" in formats and record.get("quantize_head", "none") != "none":
+        raise common.ConfigError(f"task.export=[gptq]: {exports.head_problem('gptq', record['quantize_head'])}")
     if quantizer(record).needs_calibration and cfg.task.ppl:
         calib = corpus_path(cfg)
         scored = common.data_path(cfg, WIKITEXT2_TEST).resolve()

@@ -379,6 +379,14 @@ def test_finetune_lora_without_merged_model_still_exports_merged_gguf(compose, t
         (["task.format=gguf", "quantizer=int8_wo"], "Int8WeightOnlyLinear, which task.format=gguf does not map"),
         (["task.format=gguf", "quantizer=int8_wo", "task.requantize=true"], "Int8WeightOnlyLinear, which task"),
         (["task.requantize=maybe"], "task.requantize='maybe' is not valid: use true or false"),
+        (
+            ["task.format=gguf", "quantizer=int4_wo", "quantizer.groupsize=32", "quantizer.quantize_head=int8"],
+            r"this model's head is quantized \(quantizer.quantize_head=int8\): quantize with quantizer.quantize_head=none",
+        ),
+        (
+            ["task.format=gptq", "quantizer=int4_wo", "quantizer.groupsize=32", "quantizer.quantize_head=int4"],
+            r"task.format=gptq writes the output head as float and this model's head is quantized",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(export_cfg, overrides, match):
