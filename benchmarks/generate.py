@@ -1,30 +1,35 @@
-"""Decode speed of models.generate on SmolLM2-135M: against transformers' generate in the same dtype, int4 against
-this project's bf16, and against the machine's memory bandwidth, all measured in one process. JSON out.
+"""Decode and prefill speed of models.generate on SmolLM2-135M: against transformers' generate in the same dtype,
+int4 against this project's bf16, against llama.cpp on the same GGUF, and against the machine's memory bandwidth,
+all measured in one process. JSON out.
 
     python benchmarks/generate.py --out generate_bench.json
-    python benchmarks/generate.py checkpointer.path=/path/SmolLM2-135M-Instruct.Q4_1.gguf --repeats 2 --out b.json
+    python benchmarks/generate.py --llamacpp ~/.cache/llamacpp/bin --repeats 2 --out b.json   # with llama-bench
+    python benchmarks/generate.py checkpointer.path=/path/SmolLM2-135M-Instruct.Q4_1.gguf --out b.json
 
 Positional arguments are Hydra overrides on top of `task=generate` (default model: smollm2_135m from its pinned
 source). Setting: batch 1, a `--prompt-tokens` prompt of random ids (fixed seed), `--new-tokens` greedy tokens with
 no stop token, so every run decodes the same number of steps; `--threads` torch threads.
 
 Runs, each `--repeats` times in rotation (so drift on a shared machine hits every run alike), best kept:
-- memory bandwidth: a copy of a 1 GiB fp32 tensor (bytes read + bytes written per second), and a sum over it
-  (bytes read per second);
-- fp32 and bf16: `transformers.LlamaForCausalLM.generate` (its defaults: eager, dynamic cache) on an HF copy of the
-  same weights; `models.generate.generate` eager; the same with compile=True (compile time reported apart);
-- int4_wo with groupsize 32 and 64 (quant/, bf16 activations: the CPU int4 kernel's dtype), eager and compiled.
-Both sides are timed alike, since transformers' generate does not report decode apart from prefill: decode
-tokens/s = (new_tokens - 1) / (t(new_tokens) - t(1)), in wall-clock and in this process's CPU time (the robust
-figure on a shared machine: other tenants inflate wall time, not a single-threaded process's CPU time). Ours also
-reports the sampler's own decode timing and, for compiled runs, the compile time (an untimed first call compiles;
-the timed ones find the graph cached).
+- memory bandwidth: a copy of a 1 GiB fp32 tensor (bytes read + bytes written per second), and a sum over it;
+- fp32 and bf16: `transformers.LlamaForCausalLM.generate` (eager, dynamic cache) on an HF copy of the same weights
+  (skip with --no-reference); `models.generate.generate` eager, and with compile=True (compile time reported apart);
+- int4_wo at each `--groupsizes` with each `--heads` value of quantizer.quantize_head (none, int8, int4), bf16
+  activations (the CPU int4 kernel's dtype), eager and compiled;
+- prefill: one `--prefill-tokens` prompt (default 512) through each of our bf16/int4 models (prefill runs eager);
+- `--llamacpp DIR`: llama.cpp's llama-bench on the model's GGUF file (for the default model its own Q4_1 file, with
+  its Q8_0 tied embedding) with the same threads: prefill of the same length, and decode of `--new-tokens` after
+  `--prompt-tokens` already in the cache (`-d`), as ours;
+- at the end, a per-op profile (torch.profiler, self CPU ms per decode step, top ops) of the last int4 variant,
+  eager and compiled.
+Decode tokens/s = (new_tokens - 1) / (t(new_tokens) - t(1)) for both sides (transformers' generate does not report
+decode apart from prefill), in wall-clock and in this process's CPU time.
 
-Written: the JSON given by --out (rewritten after each round) and printed at the end: settings, machine (CPU count,
-threads, load average before and after), bandwidth, per-run decode tokens/s (wall clock and CPU time),
-weight bytes read per token and the fraction of the bandwidth limit (bandwidth / bytes per token) reached,
-ratios and the three targets: bf16 decode >= 3x transformers bf16, int4 >= 1.5x our bf16, bf16 >= 50% of the
-bandwidth limit (each judged on our faster mode, eager or compiled).
+Written: the JSON given by --out (rewritten after each round) and printed at the end: settings, machine (CPU model
+and SIMD flags, threads, load average before and after), bandwidth, per-run decode tokens/s, weight bytes read per
+token and the fraction of the bandwidth limit (bandwidth / bytes per token) reached, prefill tokens/s, llama.cpp's
+figures, ratios and targets (issue 14: int4 decode >= 1.5x our bf16, >= llama.cpp's, >= 30% of its bandwidth
+limit, prefill no slower than bf16; each judged on our faster mode, eager or compiled).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ Calling conventions (shapes: B batch, T new tokens, S cache length, C hidden siz
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
@@ -481,6 +482,23 @@ class Decoder(nn.Module):
         self.norm = make_norm(args, args.hidden_size)
 
 
+def _joined(owner: nn.Module, attr: str, mods: tuple[nn.Module, ...]) -> nn.Module | None:
+    """`mods` joined by their class's `cat` (None when it has none or refuses), cached on `owner` under "_" + attr
+    with weak references to the source tensors and their version counters (a replaced or in-place changed tensor
+    rebuilds it)."""
+    tensors = [t for m in mods for t in (*m.parameters(), *m.buffers())]
+    cached = owner.__dict__.get("_" + attr)
+    if cached is not None and len(cached[0]) == len(tensors):
+        if all(ref() is t and version == t._version for (ref, version), t in zip(cached[0], tensors, strict=True)):
+            return cached[1]
+    cat = getattr(type(mods[0]), "cat", None)
+    joined = cat(mods) if cat is not None and all(type(x) is type(mods[0]) for x in mods) else None
+    if joined is not None:
+        joined.sizes = [x.out_features for x in mods]
+    object.__setattr__(owner, "_" + attr, ([(weakref.ref(t), t._version) for t in tensors], joined))
+    return joined
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -533,8 +551,9 @@ class Transformer(nn.Module):
         matmul, where their modules' class can join them: a classmethod `cat(modules)` returning one module whose
         output is the modules' outputs side by side, or None (quant/int4.py's int4 linears; a float nn.Linear has
         none and stays as it is). Decoding uses it: at one token per step, the int4 kernel's per-call cost is a large
-        share of a small matmul's time. The joined modules are a temporary copy, outside the state dict, dropped on
-        exit; the model must not be moved or changed meanwhile."""
+        share of a small matmul's time. The joined modules are a copy outside the state dict, used only inside the
+        block; they are kept between calls (so a compiled decode step finds the same modules and does not compile
+        again) and rebuilt when any of the source tensors was replaced or changed in place (`_joined`)."""
         pairs = []
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -544,11 +563,7 @@ class Transformer(nn.Module):
             ]
         try:
             for owner, attr, mods in pairs:
-                cat = getattr(type(mods[0]), "cat", None)
-                joined = cat(mods) if cat is not None and all(type(x) is type(mods[0]) for x in mods) else None
-                if joined is not None:
-                    joined.sizes = [x.out_features for x in mods]
-                object.__setattr__(owner, attr, joined)  # not a submodule: never saved, never moved
+                object.__setattr__(owner, attr, _joined(owner, attr, mods))  # not a submodule: never saved or moved
             yield self
         finally:
             for owner, attr, _ in pairs:

@@ -267,6 +267,15 @@ def test_join_projections_keeps_outputs_and_state(dtype):
         assert attn.qkv_joined is None and mlp.gate_up_joined is None
     tol = 1e-5 if dtype == torch.float32 else BF16_TOL
     assert _rel_err(joined, plain.double()) <= tol
+    first = model.model.layers[0].self_attn.__dict__["_qkv_joined"][1]
+    with model.join_projections():  # kept between calls: a compiled decode step finds the same module
+        assert model.model.layers[0].self_attn.qkv_joined is first
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.scales.mul_(2)  # changed in place (load_state_dict copies in place): joined again
+    with model.join_projections():
+        again = model.model.layers[0].self_attn.qkv_joined
+        assert again is not first and torch.equal(again.scales[:64], q.scales)
     float_model = tiny_model()
     with float_model.join_projections():  # float linears have no `cat`: nothing joined
         assert float_model.model.layers[0].self_attn.qkv_joined is None
