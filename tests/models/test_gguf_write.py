@@ -14,7 +14,7 @@ from models.tokenizer import Tokenizer
 VARIANTS = {
     "plain": {},
     "untied_head_dim_bias": {"tie_word_embeddings": False, "head_dim": 32, "attention_bias": True},
-    "qwen2": {"qkv_bias": True},
+    "qwen2": {"qkv_bias": True, "model_type": "qwen2"},
     "linear_rope": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     "llama3_rope": {
         "rope_scaling": {
