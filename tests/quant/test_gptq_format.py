@@ -19,7 +19,6 @@ import pytest
 import torch
 from conftest import run_cli, run_in_process
 from quant_helpers import calib_ids, gptq_cfg, tiny_model
-from safetensors.torch import save_file
 
 import runner.eval
 from models.checkpoint import save_hf, save_native
@@ -391,14 +390,10 @@ def test_bad_export():
 
 # --- through a directory on disk and the runner --------------------------------------------------------------------
 def write_gptq_dir(directory, model, tok, spec, fmt="gptq"):
-    """A GPTQ checkpoint directory as the export stage writes one: config.json with quantization_config, the
-    tensors in model.safetensors, the tokenizer (save_hf writes config and tokenizer; the tensors are replaced)."""
+    """A GPTQ checkpoint directory as the export stage writes one (runner/exports.py): config.json with
+    quantization_config, the GPTQ tensors, the tokenizer."""
     sd, qc = to_gptq_checkpoint(model, spec, fmt)
-    save_hf(directory, model, tok)
-    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}, indent=2))
-    return directory
+    return save_hf(directory, model, tok, extra_tensors=sd, quantization_config=qc)
 
 
 @pytest.fixture

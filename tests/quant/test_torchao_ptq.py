@@ -25,7 +25,11 @@ def test_int8_wo_wrapper_equals_torchao_quantize(dtype):
         assert torch.equal(mine.scales, theirs.scale.reshape(-1).float())
     ids = token_ids()
     with torch.no_grad():
-        assert torch.equal(ours(ids), direct(ids))
+        if dtype == torch.float32:
+            assert torch.equal(ours(ids), direct(ids))
+        else:  # bf16 on CPU runs aten's int8 kernel (fp32 accumulation), torchao a bf16 matmul: equal to bf16 rounding
+            ref = direct.to(torch.float32)(ids)
+            assert ((ours(ids).float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
 
 
 def test_torchao_weights_do_not_save_with_safetensors(tmp_path):
