@@ -53,3 +53,23 @@ def test_from_linear_rounds_per_row_and_kernel_matches_dequantized(dtype):
     ref = x.double() @ m.dequantize().double().t()
     rel = ((m(x).double() - ref).abs().max() / ref.abs().max()).item()
     assert rel <= (1e-6 if dtype == torch.float32 else 1e-2)  # bf16: the output rounds to bf16
+
+
+def test_bf16_model_with_int8_layers_compiles():
+    """torch.compile of int8 layers in bf16 (int8_wo, and an int8 output head): inductor lowers the weight-only int8
+    matmul only when the scales are a plain tensor, not computed in the graph (it failed with an AssertionError)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quant_helpers import tiny_model, token_ids
+
+    from quant import quantize_model
+
+    for cfg in ({"name": "int8_wo"}, {"name": "int4_wo", "groupsize": 32, "sym": False, "quantize_head": "int8"}):
+        model = quantize_model(tiny_model(tie_word_embeddings=True).to(torch.bfloat16), cfg)
+        with torch.no_grad():
+            eager = model(token_ids()).float()
+            compiled = torch.compile(model)(token_ids()).float()
+        assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 2e-2
+        torch._dynamo.reset()
