@@ -221,15 +221,20 @@ def _profile(model, tok, prompt: list[int], compile: bool, steps: int = 16) -> l
     return [{"total_self_ms_per_step": total}] + [r for r in rows[:15] if r["self_ms_per_step"] > 0]
 
 
-def _llamacpp(bench_dir: Path, gguf: Path, threads: int, depth: int, prefill: int, new: int, repeats: int) -> dict:
-    """llama.cpp's own llama-bench on the GGUF file, same thread count: prefill tokens/s of a `prefill`-token prompt,
-    and decode tokens/s of `new` tokens after `depth` tokens already in the cache (as ours: after the prompt)."""
+def _llama_bench(bench_dir: Path) -> Path:
     exe = bench_dir.expanduser() / "llama-bench"
     if not exe.is_file():
         raise SystemExit(
             f"error: --llamacpp {bench_dir}: no llama-bench there; bash ../shared/tools/build_llamacpp.sh "
             "builds it and prints its folder"
         )
+    return exe
+
+
+def _llamacpp(bench_dir: Path, gguf: Path, threads: int, depth: int, prefill: int, new: int, repeats: int) -> dict:
+    """llama.cpp's own llama-bench on the GGUF file, same thread count: prefill tokens/s of a `prefill`-token prompt,
+    and decode tokens/s of `new` tokens after `depth` tokens already in the cache (as ours: after the prompt)."""
+    exe = _llama_bench(bench_dir)
     res = {}
     for kind, lengths in (
         ("prefill", ["-p", str(prefill), "-n", "0"]),
@@ -322,6 +327,8 @@ def _load_all(a):
 
 def main() -> None:
     a = _args()
+    if a.llamacpp is not None:
+        _llama_bench(a.llamacpp)  # a wrong folder fails now, not after loading the models
     torch.set_num_threads(a.threads)
     result = {
         "settings": {
