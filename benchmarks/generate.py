@@ -122,21 +122,28 @@ def _decode_rate(run, new: int) -> dict:
     }
 
 
+def _greedy(model, tok, prompt: list[int], n: int, compile: bool = False) -> dict:
+    """models.generate on one prompt, greedy, exactly n new tokens (no stop id or string: every run decodes the same
+    steps); its one result dict."""
+    [r] = generate(
+        model,
+        tok,
+        [prompt],
+        max_new_tokens=n,
+        temperature=0.0,
+        top_k=None,
+        top_p=1.0,
+        stop_ids=set(),
+        stop_strings=[],
+        generator=None,
+        compile=compile,
+    )
+    return r
+
+
 def _ours(model, tok, prompt: list[int], new: int, compile: bool) -> dict:
     def run(n: int):
-        [r] = generate(
-            model,
-            tok,
-            [prompt],
-            max_new_tokens=n,
-            temperature=0.0,
-            top_k=None,
-            top_p=1.0,
-            stop_ids=set(),  # no early stop: every run decodes the same steps
-            stop_strings=[],
-            generator=None,
-            compile=compile,
-        )
+        r = _greedy(model, tok, prompt, n, compile)
         tm = r["timings"]
         own = tm["decode_steps"] / tm["decode_s"] if tm["decode_steps"] else None
         return r["ids"], {"sampler_decode_tokens_per_s": own, "compile_s": tm["compile_s"]}
@@ -164,19 +171,7 @@ def _prefill(model, tok, prompt: list[int]) -> dict:
     """Prefill tokens/s: generate one token after `prompt` (the time to the first token is the prefill)."""
 
     def once() -> float:
-        [r] = generate(
-            model,
-            tok,
-            [prompt],
-            max_new_tokens=1,
-            temperature=0.0,
-            top_k=None,
-            top_p=1.0,
-            stop_ids=set(),
-            stop_strings=[],
-            generator=None,
-        )
-        return r["timings"]["time_to_first_token_s"]
+        return _greedy(model, tok, prompt, 1)["timings"]["time_to_first_token_s"]
 
     once()  # one-off costs: allocator growth, int4 kernel layouts
     return {"prefill_tokens_per_s": len(prompt) / min(once() for _ in range(2))}
@@ -187,19 +182,7 @@ def _profile(model, tok, prompt: list[int], compile: bool, steps: int = 16) -> l
     in milliseconds per decode step (the prefill of the profiled run is taken out by profiling a 1-token run too)."""
 
     def run(n: int):
-        generate(
-            model,
-            tok,
-            [prompt],
-            max_new_tokens=n,
-            temperature=0.0,
-            top_k=None,
-            top_p=1.0,
-            stop_ids=set(),
-            stop_strings=[],
-            generator=None,
-            compile=compile,
-        )
+        _greedy(model, tok, prompt, n, compile)
 
     run(steps + 1)  # warm (and compile)
     tables = []

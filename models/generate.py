@@ -173,6 +173,32 @@ def _compiled_step(model: Transformer, batch: _Batch, tok: torch.Tensor):
     return step, time.perf_counter() - t
 
 
+def _forward_slots(model: Transformer, batch: _Batch, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] of ids [B, T] written at cache slots `slots` [T] (eager: prefill and re-prefill)."""
+    return model(ids, input_pos=slots, position_ids=batch.position_ids(slots), key_padding_mask=batch.key_padding_mask)
+
+
+def _decode(model: Transformer, step, batch: _Batch, tok: torch.Tensor, sample, rows, max_new_tokens: int) -> int:
+    """Feed each sampled token back through `step` (the model, or its compiled decode step) until every row is done
+    or max_new_tokens are out; returns the number of decode steps."""
+    P = batch.ids.shape[1]
+    fed = [batch.ids]  # every token in the cache so far, for the LongRoPE re-prefill
+    n_steps = 0
+    for i in range(1, max_new_tokens):
+        fed.append(tok[:, None])
+        if model.rope_switch is not None and P <= model.rope_switch == P + i - 1:
+            # The first position past LongRoPE's pretraining length switches every rotation to the long factors:
+            # recompute the cache over the whole sequence once (eager), as transformers' Phi-3 generation does.
+            logits = _forward_slots(model, batch, torch.cat(fed, 1), batch.slots[: P + i])[:, -1:]
+        else:
+            logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
+        tok = sample(logits[:, -1])
+        n_steps += 1
+        if rows.take(tok.tolist()):
+            break
+    return n_steps
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -212,39 +238,14 @@ def generate(
         try:
             t0 = time.perf_counter()
             # Prefill runs eager: prompt lengths vary between calls, and int4 layers build their kernel layout here.
-            prefill = batch.slots[:P]
-            logits = model(
-                batch.ids,
-                input_pos=prefill,
-                position_ids=batch.position_ids(prefill),
-                key_padding_mask=batch.key_padding_mask,
-            )  # [B, P, V]
-            tok = sample(logits[:, -1])  # [B]
+            tok = sample(_forward_slots(model, batch, batch.ids, batch.slots[:P])[:, -1])  # [B]
             done = rows.take(tok.tolist())
             ttft = time.perf_counter() - t0
             step, compile_s = model, 0.0
             if compile and not done and max_new_tokens > 1:  # nothing to compile for when no decode step follows
                 step, compile_s = _compiled_step(model, batch, tok)
             t1 = time.perf_counter()
-            n_steps = 0
-            fed = [batch.ids]  # every token in the cache so far, for the LongRoPE re-prefill
-            for i in range(1, max_new_tokens):
-                if done:
-                    break
-                fed.append(tok[:, None])
-                if model.rope_switch is not None and P <= model.rope_switch == P + i - 1:
-                    # The first position past LongRoPE's pretraining length switches every rotation to the long factors:
-                    # recompute the cache over the whole sequence once (eager), as transformers' Phi-3 generation does.
-                    done_slots = batch.slots[: P + i]
-                    ids = torch.cat(fed, 1)  # [B, P + i]
-                    pos = batch.position_ids(done_slots)
-                    logits = model(ids, input_pos=done_slots, position_ids=pos, key_padding_mask=batch.key_padding_mask)
-                    logits = logits[:, -1:]
-                else:
-                    logits = batch.step(step, tok, batch.slots[P + i - 1 : P + i])  # the slot of the token fed back
-                tok = sample(logits[:, -1])
-                done = rows.take(tok.tolist())
-                n_steps += 1
+            n_steps = 0 if done else _decode(model, step, batch, tok, sample, rows, max_new_tokens)
             t2 = time.perf_counter()
         finally:
             model.clear_caches()

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 import conf
-from models.checkpoint import args_from_hf_config
+from models.checkpoint import args_from_hf_config, check_and_load, load_checkpoint
 from models.llama import ModelArgs, Transformer
 
 CONF_DIR = Path(conf.__file__).parent.resolve()
@@ -113,24 +113,37 @@ def smollm2_gguf(cache_dir) -> Path:
     return resolve_source(SMOLLM2_SOURCE, cache_dir, SMOLLM2_SHA256)
 
 
+# The tiny HF configs' sizes (and the byte tokenizer's special ids) for the transformers references below.
+TINY_HF_SIZES = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+
+def load_ours_hf(directory: Path):
+    """(our Transformer in eval mode, its tokenizer) read from an HF directory the way the runner reads one."""
+    args, sd, tok, _ = load_checkpoint("hf", directory)
+    with torch.device("meta"):
+        ours = Transformer(args)
+    check_and_load(ours, sd, directory)
+    ours.init_rope()
+    return ours.eval(), tok
+
+
 def make_tiny_hf(directory: Path, kind: str = "llama", **overrides) -> Path:
     """A random tiny HF model saved with save_pretrained, with the byte tokenizer beside it."""
     import transformers
 
     from models.tokenizer import Tokenizer
 
-    common = dict(
-        vocab_size=259,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=256,
-        eos_token_id=257,
-    )
-    common.update(overrides)
+    common = dict(TINY_HF_SIZES, **overrides)
     cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
@@ -201,15 +214,7 @@ def family_hf_config(family: str, **overrides):
 
     prefix = FAMILY_HF[family][0]
     common = dict(
-        vocab_size=259,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=256,
-        eos_token_id=257,
+        TINY_HF_SIZES,
         pad_token_id=258,
         initializer_range=0.1,  # peakier than the default 0.02, so greedy decoding is no near-tie
     )

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_HF, family_args, make_family_hf
+from conftest import FAMILY_HF, family_args, load_ours_hf, make_family_hf
 
 from models.checkpoint import (
     args_from_hf_config,
@@ -32,12 +32,7 @@ def _load_pair(tmp_path, family):
 
     d = make_family_hf(tmp_path / family, family)
     ref = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
-    args, sd, tok, _ = load_checkpoint("hf", d)
-    with torch.device("meta"):
-        ours = Transformer(args)
-    check_and_load(ours, sd, d)
-    ours.init_rope()
-    return ref, ours.eval(), d
+    return ref, load_ours_hf(d)[0], d
 
 
 @pytest.mark.parametrize("family", list(FAMILY_HF))

@@ -3,9 +3,8 @@
 
 import pytest
 import torch
-from conftest import make_tiny_hf, tiny_args
+from conftest import load_ours_hf, make_tiny_hf, tiny_args
 
-from models.checkpoint import check_and_load, load_checkpoint
 from models.llama import ModelArgs, Transformer, attention_mask
 
 LLAMA3_SCALING = {
@@ -31,12 +30,8 @@ def _load_pair(tmp_path, kind, overrides):
 
     d = make_tiny_hf(tmp_path / "hf", kind, **overrides)
     ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
-    args, sd, tok, _ = load_checkpoint("hf", d)
-    with torch.device("meta"):
-        ours = Transformer(args)
-    check_and_load(ours, sd, d)
-    ours.init_rope()
-    return ref, ours.eval(), tok
+    ours, tok = load_ours_hf(d)
+    return ref, ours, tok
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
